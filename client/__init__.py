@@ -1,0 +1,160 @@
+"""A small client library for the multimodal models over Triton gRPC (streaming) and HTTP.
+
+    from client import build_inputs, stream_grpc
+    for r in stream_grpc("127.0.0.1:8001", "multimodal_agg", build_inputs("Describe it.", images=["cat.png"])):
+        print(r["text_output"], end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import mimetypes
+import queue
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MEDIA_MIME = {"image": "image/png", "audio": "audio/wav", "video": "video/mp4"}
+
+
+class InferenceFailed(RuntimeError):
+    """The server answered with an error (its message says what was wrong)."""
+
+
+def to_url(item: str, kind: str) -> str:
+    """A URL stays as it is; a local path becomes a data: URI."""
+    if item.split(":", 1)[0] in ("http", "https", "data", "file"):
+        return item
+    path = Path(item)
+    mime = mimetypes.guess_type(path.name)[0] or MEDIA_MIME[kind]
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+@dataclass
+class RequestInputs:
+    """The public contract's inputs (shared/DESIGN.md §2); None = left out."""
+
+    text_input: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    image_url: list[str] | None = None
+    audio_url: list[str] | None = None
+    video_url: list[str] | None = None
+    sampling_parameters: dict[str, Any] | None = None
+    stream: bool | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if self.text_input is not None:
+            out["text_input"] = np.array([self.text_input.encode()], dtype=np.object_)
+        if self.messages is not None:
+            out["messages"] = np.array([json.dumps(self.messages).encode()], dtype=np.object_)
+        for name in ("image_url", "audio_url", "video_url"):
+            urls = getattr(self, name)
+            if urls:
+                out[name] = np.array([u.encode() for u in urls], dtype=np.object_)
+        if self.sampling_parameters is not None:
+            out["sampling_parameters"] = np.array([json.dumps(self.sampling_parameters).encode()], dtype=np.object_)
+        if self.stream is not None:
+            out["stream"] = np.array([self.stream], dtype=bool)
+        return out
+
+
+def build_inputs(
+    text: str,
+    images: Sequence[str] = (),
+    audios: Sequence[str] = (),
+    videos: Sequence[str] = (),
+    sampling: dict[str, Any] | None = None,
+    stream: bool = True,
+) -> RequestInputs:
+    return RequestInputs(
+        text_input=text,
+        image_url=[to_url(i, "image") for i in images] or None,
+        audio_url=[to_url(a, "audio") for a in audios] or None,
+        video_url=[to_url(v, "video") for v in videos] or None,
+        sampling_parameters=sampling,
+        stream=stream,
+    )
+
+
+def _decode(result) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("text_output", "finish_reason"):
+        arr = result.as_numpy(name)
+        out[name] = "" if arr is None else b"".join(arr.reshape(-1)).decode("utf-8", errors="replace")
+    ids = result.as_numpy("token_ids")
+    out["token_ids"] = [] if ids is None else [int(t) for t in ids.reshape(-1)]
+    for name in ("num_input_tokens", "num_output_tokens"):
+        arr = result.as_numpy(name)
+        out[name] = None if arr is None else int(arr.reshape(-1)[0])
+    return out
+
+
+def _grpc_inputs(inputs: RequestInputs):
+    import tritonclient.grpc as grpcclient
+
+    tensors = []
+    for name, arr in inputs.arrays().items():
+        dtype = "BOOL" if arr.dtype == bool else "BYTES"
+        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+    return tensors
+
+
+def stream_grpc(url: str, model: str, inputs: RequestInputs, timeout_s: float = 300.0,
+                request_id: str | None = None) -> Iterator[dict[str, Any]]:
+    """Send one request over a gRPC stream; yield each response as a dict until the final one."""
+    import tritonclient.grpc as grpcclient
+
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result=None, error=None: results.put((result, error)))
+    try:
+        client.async_stream_infer(
+            model, _grpc_inputs(inputs), request_id=request_id or uuid.uuid4().hex, enable_empty_final_response=True
+        )
+        while True:
+            try:
+                result, error = results.get(timeout=timeout_s)
+            except queue.Empty as exc:
+                raise TimeoutError(f"no response from {model} within {timeout_s:.0f} s") from exc
+            if error is not None:
+                raise InferenceFailed(str(error))
+            response = result.get_response()
+            final = response.parameters.get("triton_final_response")
+            is_final = bool(final and final.bool_param)
+            if response.outputs:
+                yield _decode(result)
+            if is_final:
+                return
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def generate_http(url: str, model: str, inputs: RequestInputs, timeout_s: float = 300.0) -> dict[str, Any]:
+    """One non-streaming request through Triton's HTTP generate endpoint."""
+    import urllib.error
+    import urllib.request
+
+    body: dict[str, Any] = {}
+    for name, arr in inputs.arrays().items():
+        if name == "stream":
+            continue  # the generate endpoint is for the one-response mode
+        values = [v.decode() if isinstance(v, bytes) else v for v in arr.reshape(-1).tolist()]
+        body[name] = values if name.endswith("_url") else values[0]
+    req = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/generate", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raise InferenceFailed(f"HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc

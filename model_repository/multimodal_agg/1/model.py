@@ -1,0 +1,84 @@
+"""multimodal_agg: one vLLM engine doing encode + prefill + decode (the baseline for correctness and speed).
+
+A thin adapter: request tensors → mmtriton.protocol → AggregatedPipeline → VllmEngine → responses.
+"""
+
+import locale
+
+# The stub starts with an ASCII default encoding; vLLM/torch need UTF-8 before they are imported.
+locale.setlocale(locale.LC_ALL, "C.UTF-8")
+
+import asyncio  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# The stub ignores PYTHONPATH: find the package in this checkout (an installed one works too).
+_SRC = Path(__file__).resolve().parents[3] / "src"
+if _SRC.is_dir() and str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from mmtriton import triton_io  # noqa: E402
+from mmtriton.engine import VllmEngine, engine_args_for, to_vllm_sampling  # noqa: E402
+from mmtriton.pipeline import AggregatedPipeline  # noqa: E402
+from mmtriton.protocol import INPUTS, OUTPUTS, parse_request  # noqa: E402
+
+INPUT_NAMES = [i["name"] for i in INPUTS]
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(config):
+        return triton_io.auto_complete(config, INPUTS, OUTPUTS, decoupled=True)
+
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        self.settings = triton_io.load_settings(args)
+        self.pipeline = AggregatedPipeline(self.settings)
+        self.logger.log_info(
+            f"multimodal_agg: model {self.pipeline.model_path} (family {self.pipeline.family.name}), starting vLLM"
+        )
+        self.engine = VllmEngine(
+            engine_args_for(self.settings, self.pipeline.limit_mm_per_prompt()),
+            env={"VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib)},
+        )
+        self.engine.start(self.settings.engine_start_timeout_s)
+        self.responses = triton_io.ResponseThread(self.logger)
+        self.logger.log_info("multimodal_agg: ready")
+
+    def execute(self, requests):
+        for request in requests:
+            channel = triton_io.ResponseChannel(request, self.responses)
+            try:
+                inputs = triton_io.read_inputs(request, INPUT_NAMES)
+                self.engine.submit(self._serve(inputs, channel))
+            except Exception as exc:
+                channel.fail(exc)
+        return None
+
+    async def _serve(self, inputs, channel):
+        try:
+            req = parse_request(inputs, self.settings)
+            engine_input = await asyncio.to_thread(self.pipeline.prepare, req)
+            final = await self.engine.generate(
+                request_id=uuid.uuid4().hex,
+                prompt=engine_input.prompt,
+                sampling_params=to_vllm_sampling(req.sampling),
+                stream=req.stream,
+                emit=channel.emit,
+                cancelled=channel.is_cancelled,
+            )
+            if final is None:
+                channel.finish_cancelled()
+        except Exception as exc:
+            if not isinstance(exc, ValueError):
+                self.logger.log_error(f"multimodal_agg: request failed: {traceback.format_exc()}")
+            channel.fail(exc)
+
+    def finalize(self):
+        self.logger.log_info("multimodal_agg: shutting down")
+        self.engine.shutdown()
+        self.responses.stop()

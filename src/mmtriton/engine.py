@@ -1,0 +1,205 @@
+"""vLLM engine adapter: an ``AsyncLLM`` on its own event-loop thread, driven from any thread.
+
+Triton calls ``execute`` on its own thread and must return quickly (decoupled models), so requests are handed
+to the engine loop with ``run_coroutine_threadsafe``. Outputs go to a caller-supplied ``emit`` callback that
+must not block (the Triton adapter puts them on a queue drained by a response thread), so the engine loop never
+waits on a client. A request whose client went away is aborted in vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmtriton.protocol import InvalidInput, SamplingOptions
+from mmtriton.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class EngineDead(RuntimeError):
+    """The vLLM engine died; every request fails until the model is restarted."""
+
+
+class RequestCancelled(Exception):
+    pass
+
+
+@dataclass
+class GenerationChunk:
+    """One response's worth of output (a step when streaming; everything otherwise)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "" while more follows
+    num_input_tokens: int
+    num_output_tokens: int
+    finished: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def engine_args_for(settings: Settings, limit_mm_per_prompt: dict[str, int], **overrides: Any) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments for one engine, from the settings."""
+    args: dict[str, Any] = dict(
+        model=settings.model_path(),
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        enforce_eager=True,  # CPU: no graphs to capture; faster start
+        limit_mm_per_prompt=limit_mm_per_prompt,
+        disable_log_stats=True,
+        seed=0,
+    )
+    args.update(overrides)
+    return args
+
+
+def to_vllm_sampling(options: SamplingOptions, **extra: Any):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=options.max_tokens,
+        min_tokens=options.min_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k if options.top_k > 0 else 0,
+        seed=options.seed,
+        stop=options.stop or None,
+        # Always deltas: streaming sends them as they are, non-streaming accumulates them, and either way
+        # every engine step reaches us, so a cancelled client is noticed within a step.
+        output_kind=RequestOutputKind.DELTA,
+        **extra,
+    )
+
+
+class VllmEngine:
+    """Owns one AsyncLLM and the thread whose event loop runs it."""
+
+    def __init__(self, engine_args: dict[str, Any], env: dict[str, str] | None = None):
+        self.engine_args = engine_args
+        self.env = env or {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.llm = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+        self._inflight: dict[str, concurrent.futures.Future] = {}
+
+    # ---- life cycle -------------------------------------------------------------------------------------
+    def start(self, timeout_s: float) -> None:
+        os.environ.update(self.env)  # engine processes are spawned from here and inherit it
+        self._thread = threading.Thread(target=self._thread_main, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"vLLM engine did not start within {timeout_s:.0f} s")
+        if self._start_error is not None:
+            raise RuntimeError(f"vLLM engine failed to start: {self._start_error}") from self._start_error
+
+    def _thread_main(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        finally:
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._stop = asyncio.Event()
+        try:
+            t0 = time.monotonic()
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+            log.info("vLLM engine for %s started in %.1f s", self.engine_args.get("model"), time.monotonic() - t0)
+        except BaseException as exc:  # reported to start()'s caller
+            self._start_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        for fut in list(self._inflight.values()):
+            fut.cancel()
+        self.llm.shutdown()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        if self.loop is not None and self._stop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self.llm is not None and not self.llm.errored and self._thread is not None and self._thread.is_alive()
+
+    # ---- requests ---------------------------------------------------------------------------------------
+    def submit(self, coro: Awaitable[Any]) -> concurrent.futures.Future:
+        """Run a coroutine on the engine loop (from any thread)."""
+        if self.loop is None:
+            raise EngineDead("engine not started")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: Any,
+        sampling_params: Any,
+        stream: bool,
+        emit: Callable[[GenerationChunk], None],
+        cancelled: Callable[[], bool],
+    ) -> GenerationChunk | None:
+        """Generate on the engine loop; ``emit`` gets one chunk per step (stream) or one at the end.
+
+        Returns the final chunk, or None when the client cancelled (the vLLM request is aborted then).
+        """
+        if not self.alive:
+            raise EngineDead("the vLLM engine is not running")
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        text_parts: list[str] = []
+        token_ids: list[int] = []
+        num_input = 0
+        try:
+            async for out in self.llm.generate(prompt, sampling_params, request_id):
+                if cancelled():
+                    await self.llm.abort(request_id)
+                    return None
+                completion = out.outputs[0]
+                num_input = len(out.prompt_token_ids or [])
+                token_ids.extend(completion.token_ids)
+                chunk = GenerationChunk(
+                    text=completion.text,
+                    token_ids=list(completion.token_ids),
+                    finish_reason=(completion.finish_reason or "") if out.finished else "",
+                    num_input_tokens=num_input,
+                    num_output_tokens=len(token_ids),
+                    finished=out.finished,
+                    extra={"kv_transfer_params": out.kv_transfer_params} if out.kv_transfer_params else {},
+                )
+                if stream:
+                    emit(chunk)
+                else:
+                    text_parts.append(completion.text)
+                if out.finished:
+                    if not stream:
+                        chunk.text, chunk.token_ids = "".join(text_parts), token_ids
+                        emit(chunk)
+                    return chunk
+        except EngineDeadError as exc:
+            raise EngineDead(f"the vLLM engine died: {exc}") from exc
+        except ValueError as exc:
+            # vLLM validates prompts (length, media count) with ValueError: the client's fault.
+            raise InvalidInput(str(exc)) from exc
+        except asyncio.CancelledError:
+            await self.llm.abort(request_id)
+            raise
+        raise EngineDead("the vLLM engine ended the request without a final output")

@@ -1,0 +1,298 @@
+"""Launcher for a real ``tritonserver``: find it, prepare it, start it, wait for it, stop it.
+
+The server binary comes from the ``nvidia-pytriton`` wheel (Triton 2.51). Three things make its Python
+backend run this project's environment (see shared/ENVIRONMENT.md):
+- the 3.11 backend stub is copied next to the Python backend;
+- the stub takes its interpreter from the first ``python3`` on PATH, so the venv's ``bin`` goes first;
+- the stub links the system libpython, so LD_LIBRARY_PATH points at this interpreter's LIBDIR.
+Used by ``python -m mmtriton.server`` (the serve command) and by the test fixtures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmtriton.settings import repo_root
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def triton_home() -> Path:
+    """The ``pytriton/tritonserver`` folder of the installed nvidia-pytriton wheel."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: run bin/setup")
+    home = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    if not (home / "bin" / "tritonserver").exists():
+        raise ServerError(f"no tritonserver binary under {home}")
+    return home
+
+
+def install_python_stub(home: Path | None = None) -> Path:
+    """Copy the stub matching this Python next to the Python backend (idempotent)."""
+    home = home or triton_home()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    src = home / "python_backend_stubs" / version / "triton_python_backend_stub"
+    dst = home / "backends" / "python" / "triton_python_backend_stub"
+    if not src.exists():
+        raise ServerError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+    if not dst.exists() or not filecmp.cmp(src, dst, shallow=False):
+        shutil.copy2(src, dst)
+    return dst
+
+
+def stub_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment tritonserver (and so every stub) must start with."""
+    env = dict(os.environ if base is None else base)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [libdir, env.get("LD_LIBRARY_PATH", "")] if p)
+    env.setdefault("LANG", "C.UTF-8")
+    env.setdefault("LC_ALL", "C.UTF-8")
+    # The stub ignores PYTHONPATH for its own start, but model.py files also add src/ themselves.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(repo_root() / "src"), env.get("PYTHONPATH", "")] if p)
+    return env
+
+
+@dataclass
+class ServerConfig:
+    model_repository: Path = field(default_factory=lambda: repo_root() / "model_repository")
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_file: Path | None = None
+    log_verbose: int = 0
+    # Load only these models (explicit model control); None loads the whole repository.
+    models: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+class TritonServer:
+    """One tritonserver process. Use as a context manager or call start()/wait_ready()/stop()."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.process: subprocess.Popen | None = None
+        self._log_handle = None
+
+    def command(self) -> list[str]:
+        home = triton_home()
+        c = self.config
+        cmd = [
+            str(home / "bin" / "tritonserver"),
+            f"--model-repository={c.model_repository}",
+            f"--backend-directory={home / 'backends'}",
+            f"--cache-directory={home / 'caches'}",
+            f"--http-address={c.host}",
+            f"--grpc-address={c.host}",
+            f"--metrics-address={c.host}",
+            f"--http-port={c.http_port}",
+            f"--grpc-port={c.grpc_port}",
+            f"--metrics-port={c.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=true",
+            f"--log-verbose={c.log_verbose}",
+            # Engines can take minutes to start on 2 cores; the server must not give up on them.
+            "--exit-timeout-secs=60",
+        ]
+        if c.models is not None:
+            cmd.append("--model-control-mode=explicit")
+            cmd += [f"--load-model={m}" for m in c.models]
+        return cmd
+
+    def start(self) -> None:
+        if self.process is not None:
+            raise ServerError("server already started")
+        install_python_stub()
+        _check_port_free(self.config.host, [self.config.http_port, self.config.grpc_port, self.config.metrics_port])
+        env = stub_environment()
+        env.update(self.config.env)
+        log_file = self.config.log_file or (repo_root() / "logs" / "tritonserver.log")
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.config.log_file = log_file
+        self._log_handle = open(log_file, "wb")  # noqa: SIM115 - lives as long as the process
+        # Own process group, so stop() reaches the stubs and vLLM's engine processes too.
+        self.process = subprocess.Popen(
+            self.command(), stdout=self._log_handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.config.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float = 600.0, progress: bool = False) -> float:
+        """Block until the server reports ready; returns seconds waited. Raises with the log tail on failure."""
+        assert self.process is not None, "start() first"
+        t0 = time.monotonic()
+        last_report = t0
+        while True:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode}\n{self.log_tail()}")
+            if self.is_ready():
+                return time.monotonic() - t0
+            now = time.monotonic()
+            if now - t0 > timeout_s:
+                self.stop()
+                raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s\n{self.log_tail()}")
+            if progress and now - last_report >= 10:
+                last_report = now
+                print(f"  … waiting for models to load ({now - t0:.0f} s): {self._last_log_line()}", flush=True)
+            time.sleep(0.5)
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.config.log_file or not self.config.log_file.exists():
+            return ""
+        text = self.config.log_file.read_text(errors="replace").splitlines()
+        return "\n".join(["---- tritonserver log tail ----", *text[-lines:]])
+
+    def _last_log_line(self) -> str:
+        tail = self.log_tail(1).splitlines()
+        return tail[-1][:160] if len(tail) > 1 else ""
+
+    def stop(self, timeout_s: float = 90.0) -> int | None:
+        """SIGINT (graceful: models' finalize runs), then SIGKILL to the whole group after the timeout."""
+        proc, self.process = self.process, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGINT)
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        # Whatever is left of the group (stubs, engine processes) goes now.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._log_handle:
+            self._log_handle.close()
+            self._log_handle = None
+        return proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _check_port_free(host: str, ports: list[int]) -> None:
+    import socket
+
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                raise ServerError(f"port {host}:{port} is in use ({exc}); choose other ports") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmtriton.server", description="Serve the model repository.")
+    parser.add_argument("--model-repository", type=Path, default=repo_root() / "model_repository")
+    parser.add_argument("--model", default=os.environ.get("MMT_MODEL", ""),
+                        help="checkpoint directory (default: the embedded tiny Qwen2-VL, built if missing)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--models", nargs="*", default=None, help="load only these models (default: all)")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
+    args = parser.parse_args(argv)
+
+    env: dict[str, str] = {}
+    if args.model:
+        env["MMT_MODEL"] = str(Path(args.model).resolve())
+    else:
+        from mmtriton.tiny_models import ensure_tiny_models
+
+        print("No --model given: using the embedded tiny Qwen2-VL.", flush=True)
+        paths = ensure_tiny_models(progress=True)
+        env["MMT_MODEL"] = str(paths["qwen2-vl"])
+
+    config = ServerConfig(
+        model_repository=args.model_repository, host=args.host, http_port=args.http_port,
+        grpc_port=args.grpc_port, metrics_port=args.metrics_port, models=args.models,
+        log_verbose=args.log_verbose, env=env,
+    )
+    server = TritonServer(config)
+    print(f"Starting tritonserver (log: {config.log_file or repo_root() / 'logs' / 'tritonserver.log'}) …", flush=True)
+    server.start()
+    stopping = False
+
+    def _on_signal(signum, _frame):
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        waited = server.wait_ready(args.timeout, progress=True)
+        print(_ready_banner(config, waited), flush=True)
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(1)
+        print(server.log_tail(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nStopping tritonserver …", flush=True)
+        return 0
+    except ServerError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    finally:
+        server.stop()
+
+
+def _ready_banner(c: ServerConfig, waited: float) -> str:
+    return f"""
+tritonserver is ready after {waited:.0f} s: HTTP {c.http_url}, gRPC {c.grpc_url}, metrics {c.host}:{c.metrics_port}
+Send a request:
+  .venv/bin/python -m client --url {c.grpc_url} "Describe the image." --image tests/data/pattern.png
+  curl -s -X POST http://{c.http_url}/v2/models/multimodal_agg/generate \\
+       -d '{{"text_input": "Hello", "sampling_parameters": "{{\\"max_tokens\\": 16}}"}}'
+Ctrl-C stops the server.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

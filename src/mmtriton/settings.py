@@ -1,0 +1,91 @@
+"""One source of truth for configuration.
+
+Every setting has a default, can be set by an environment variable ``MMT_<NAME>`` (the launcher sets these
+for the server, and the Python-backend stubs inherit them), and a model's ``config.pbtxt`` parameter of the
+same lower-case name overrides both for that model. Knows nothing of Triton or vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MMT_"
+
+
+def cache_dir() -> Path:
+    """Where built tiny models and other generated files live (never in git)."""
+    if os.environ.get("MMT_CACHE_DIR"):
+        return Path(os.environ["MMT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmtriton"
+
+
+def repo_root() -> Path:
+    """The checkout this package runs from (src/mmtriton/settings.py → root)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def default_model_path() -> Path:
+    return cache_dir() / "tiny" / "qwen2-vl"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # The checkpoint every engine serves. Empty means the embedded tiny Qwen2-VL (built on demand).
+    model: str = ""
+    # vLLM dtype; "auto" takes the checkpoint's (float32 for the tiny models).
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    # vLLM's CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    kv_cache_gib: int = 1
+    max_num_seqs: int = 16
+    # Seconds a model waits for its vLLM engine to start.
+    engine_start_timeout_s: float = 600.0
+    # Media policy.
+    # Media items (images + audio + video) one request may carry.
+    max_media_items: int = 8
+    max_media_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_audio_seconds: float = 600.0
+    # Directories from which file:// media may be read; empty = file:// refused.
+    allowed_local_media_dirs: tuple[str, ...] = field(default_factory=tuple)
+    # Request limits.
+    max_tokens_limit: int = 4096
+
+    def model_path(self) -> str:
+        return self.model or str(default_model_path())
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+        """Defaults ← ``MMT_*`` environment ← ``overrides`` (e.g. config.pbtxt parameters); empty values skip."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper(), "")
+            if overrides and str(overrides.get(f.name, "")).strip():
+                raw = str(overrides[f.name])
+            if raw.strip():
+                values[f.name] = _parse(f, raw.strip())
+        return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            return raw.lower() in ("1", "true", "yes", "on")
+        if kind.startswith("tuple"):
+            # Comma- or colon-separated, like PATH.
+            return tuple(p for p in (s.strip() for s in re.split(r"[,:]", raw)) if p)
+    except ValueError as exc:
+        raise ValueError(f"setting {f.name}: cannot read {raw!r} as {kind}") from exc
+    return raw

@@ -1,0 +1,151 @@
+"""Triton Python-backend glue: tensors in, responses out, a response thread, errors with the right code.
+
+Only ``model_repository/*/1/model.py`` import this (it needs ``triton_python_backend_utils``, which exists only
+inside the backend stub). Everything it calls into is plain Python.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from mmtriton.engine import EngineDead, GenerationChunk
+from mmtriton.protocol import InvalidInput
+from mmtriton.settings import Settings
+
+
+def auto_complete(config, inputs: Iterable[dict[str, Any]], outputs: Iterable[dict[str, Any]], decoupled: bool):
+    """Own the I/O contract in code: add what config.pbtxt leaves out."""
+    present = config.as_dict()
+    have_in = {i["name"] for i in present.get("input", [])}
+    have_out = {o["name"] for o in present.get("output", [])}
+    for spec in inputs:
+        if spec["name"] not in have_in:
+            config.add_input(spec)
+    for spec in outputs:
+        if spec["name"] not in have_out:
+            config.add_output(spec)
+    config.set_model_transaction_policy(dict(decoupled=decoupled))
+    config.set_max_batch_size(0)
+    return config
+
+
+def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def load_settings(args: Mapping[str, str]) -> Settings:
+    return Settings.load(model_parameters(args))
+
+
+def read_inputs(request, names: Iterable[str]) -> dict[str, np.ndarray | None]:
+    out: dict[str, np.ndarray | None] = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        out[name] = None if tensor is None else tensor.as_numpy()
+    return out
+
+
+def chunk_response(chunk: GenerationChunk):
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("text_output", np.array([chunk.text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("token_ids", np.array(chunk.token_ids, dtype=np.int64)),
+            pb_utils.Tensor("finish_reason", np.array([chunk.finish_reason.encode()], dtype=np.object_)),
+            pb_utils.Tensor("num_input_tokens", np.array([chunk.num_input_tokens], dtype=np.uint32)),
+            pb_utils.Tensor("num_output_tokens", np.array([chunk.num_output_tokens], dtype=np.uint32)),
+        ]
+    )
+
+
+def error_response(exc: BaseException):
+    if isinstance(exc, InvalidInput):
+        code = pb_utils.TritonError.INVALID_ARG
+    elif isinstance(exc, EngineDead):
+        code = pb_utils.TritonError.UNAVAILABLE
+    else:
+        code = pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
+
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class ResponseThread:
+    """Sends responses off the engine loop, in order, and records client cancellation as it goes."""
+
+    def __init__(self, logger):
+        self.logger = logger
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="triton-responses", daemon=True)
+        self._thread.start()
+
+    def put(self, channel: ResponseChannel, response, flags: int) -> None:
+        self._queue.put_nowait((channel, response, flags))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            channel, response, flags = item
+            try:
+                if response is None:
+                    channel.sender.send(flags=flags)
+                else:
+                    channel.sender.send(response, flags=flags)
+                if not flags & FINAL:
+                    channel.cancelled = channel.cancelled or channel.sender.is_cancelled()
+            except Exception:
+                self.logger.log_error(f"sending a response failed: {traceback.format_exc()}")
+                channel.cancelled = True
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+
+class ResponseChannel:
+    """One request's way back to its client, usable from any thread."""
+
+    # How often a non-streaming request asks Triton whether its client is still there.
+    CANCEL_POLL_S = 0.05
+
+    def __init__(self, request, responses: ResponseThread):
+        self.sender = request.get_response_sender()
+        self.responses = responses
+        self.cancelled = False
+        self.closed = False
+        self._last_poll = 0.0
+
+    def emit(self, chunk: GenerationChunk) -> None:
+        self.closed = self.closed or chunk.finished
+        self.responses.put(self, chunk_response(chunk), FINAL if chunk.finished else 0)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.closed:
+            self.closed = True
+            self.responses.put(self, error_response(exc), FINAL)
+
+    def finish_cancelled(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.responses.put(self, None, FINAL)
+
+    def is_cancelled(self) -> bool:
+        if self.cancelled:
+            return True
+        now = time.monotonic()
+        if now - self._last_poll >= self.CANCEL_POLL_S:
+            self._last_poll = now
+            self.cancelled = self.sender.is_cancelled()
+        return self.cancelled
