@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmtriton.families import checkpoint_config
 from mmtriton.protocol import InvalidInput, SamplingOptions
 from mmtriton.settings import Settings
 
@@ -45,11 +46,28 @@ class GenerationChunk:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def resolve_dtype(settings: Settings) -> str:
+    """``auto`` means the checkpoint's own dtype.
+
+    vLLM's own "auto" runs a float32 checkpoint in bfloat16 on CPU, which changes greedy tokens against HF
+    float32 (seen on the tiny models from the third token on); serving what the checkpoint says keeps every
+    path equal. An explicit setting (e.g. bfloat16 for speed) is passed through.
+    """
+    if settings.dtype != "auto":
+        return settings.dtype
+    config = checkpoint_config(settings.model_path())
+    for source in (config, config.get("text_config") or {}):
+        dtype = source.get("dtype") or source.get("torch_dtype")
+        if isinstance(dtype, str):
+            return dtype
+    return "auto"
+
+
 def engine_args_for(settings: Settings, limit_mm_per_prompt: dict[str, int], **overrides: Any) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments for one engine, from the settings."""
     args: dict[str, Any] = dict(
         model=settings.model_path(),
-        dtype=settings.dtype,
+        dtype=resolve_dtype(settings),
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         enforce_eager=True,  # CPU: no graphs to capture; faster start

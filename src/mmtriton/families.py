@@ -37,12 +37,17 @@ FAMILIES: tuple[Family, ...] = (
 TEXT_ONLY = Family("text", (), ())
 
 
-def model_type_of(model_path: str | Path) -> str:
+def checkpoint_config(model_path: str | Path) -> dict:
+    """The checkpoint's config.json."""
     config = Path(model_path) / "config.json"
     try:
-        return str(json.loads(config.read_text()).get("model_type", ""))
+        return json.loads(config.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read {config}: {exc}") from exc
+
+
+def model_type_of(model_path: str | Path) -> str:
+    return str(checkpoint_config(model_path).get("model_type", ""))
 
 
 def family_for(model_path: str | Path) -> Family:

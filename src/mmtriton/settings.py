@@ -38,7 +38,7 @@ def default_model_path() -> Path:
 class Settings:
     # The checkpoint every engine serves. Empty means the embedded tiny Qwen2-VL (built on demand).
     model: str = ""
-    # vLLM dtype; "auto" takes the checkpoint's (float32 for the tiny models).
+    # Engine dtype; "auto" = the checkpoint's own (float32 for the tiny models), not vLLM's auto (bf16 on CPU).
     dtype: str = "auto"
     max_model_len: int = 4096
     # vLLM's CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).

@@ -63,8 +63,9 @@ class TritonPythonModel:
         try:
             req = parse_request(inputs, self.settings)
             engine_input = await asyncio.to_thread(self.pipeline.prepare, req)
+            request_id = uuid.uuid4().hex
             final = await self.engine.generate(
-                request_id=uuid.uuid4().hex,
+                request_id=request_id,
                 prompt=engine_input.prompt,
                 sampling_params=to_vllm_sampling(req.sampling),
                 stream=req.stream,
@@ -72,6 +73,7 @@ class TritonPythonModel:
                 cancelled=channel.is_cancelled,
             )
             if final is None:
+                self.logger.log_info(f"multimodal_agg: request {request_id} cancelled by the client; aborted in vLLM")
                 channel.finish_cancelled()
         except Exception as exc:
             if not isinstance(exc, ValueError):

@@ -1,0 +1,123 @@
+"""Session fixtures: the tiny models, test media, one live tritonserver, and plain vLLM offline engines."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the client package
+
+# Engines started by the tests: small KV cache, no usage reporting.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+MAX_MODEL_LEN = 4096  # the server's default (mmtriton.settings); offline engines use the same
+
+
+def pattern_image(width: int, height: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 3 + seed) % 256, (y * 5) % 256, ((x + y) * 7) % 256], -1)
+    noise = rng.integers(0, 40, size=base.shape)
+    return Image.fromarray(((base + noise) % 256).astype(np.uint8))
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def tone(seconds: float = 1.0, rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.4 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1234 * t)).astype(np.float32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    from mmtriton.tiny_models import ensure_tiny_models
+
+    return ensure_tiny_models(progress=True)
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    """An allow-listed directory of test media for file:// requests."""
+    d = tmp_path_factory.mktemp("media")
+    (d / "a.png").write_bytes(png_bytes(pattern_image(100, 80, seed=1)))
+    return d
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_models, media_dir):
+    """One tritonserver for the whole session, with multimodal_agg on the tiny Qwen2-VL."""
+    from mmtriton.server import ServerConfig, TritonServer
+
+    config = ServerConfig(
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        models=["multimodal_agg"],
+        log_file=ROOT / "logs" / "test-tritonserver.log",
+        env={
+            "MMT_MODEL": str(tiny_models["qwen2-vl"]),
+            "MMT_ALLOWED_LOCAL_MEDIA_DIRS": str(media_dir),
+            "MMT_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+        },
+    )
+    server = TritonServer(config)
+    server.start()
+    try:
+        server.wait_ready(timeout_s=900)
+        yield server
+    finally:
+        server.stop()
+
+
+def _offline_llm(path: Path, limit: dict[str, int]):
+    from vllm import LLM
+
+    return LLM(
+        str(path), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN, limit_mm_per_prompt=limit, seed=0
+    )
+
+
+@pytest.fixture(scope="session")
+def offline_vl(tiny_models):
+    """Plain vLLM offline on the tiny Qwen2-VL: the reference every served path must equal."""
+    llm = _offline_llm(tiny_models["qwen2-vl"], {"image": 8, "video": 8})
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def offline_audio(tiny_models):
+    llm = _offline_llm(tiny_models["qwen2-audio"], {"audio": 8})
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
