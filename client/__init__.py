@@ -107,35 +107,52 @@ def _grpc_inputs(inputs: RequestInputs):
     return tensors
 
 
-def stream_grpc(url: str, model: str, inputs: RequestInputs, timeout_s: float = 300.0,
-                request_id: str | None = None) -> Iterator[dict[str, Any]]:
-    """Send one request over a gRPC stream; yield each response as a dict until the final one."""
-    import tritonclient.grpc as grpcclient
+class GrpcStreamClient:
+    """One gRPC connection and bidirectional stream, reused for requests sent one after another."""
 
-    results: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result=None, error=None: results.put((result, error)))
-    try:
-        client.async_stream_infer(
+    def __init__(self, url: str):
+        import tritonclient.grpc as grpcclient
+
+        self._results: queue.Queue = queue.Queue()
+        self._client = grpcclient.InferenceServerClient(url)
+        self._client.start_stream(callback=lambda result=None, error=None: self._results.put((result, error)))
+
+    def generate(self, model: str, inputs: RequestInputs, timeout_s: float = 300.0,
+                 request_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """Send one request; yield each response as a dict until the final one."""
+        self._client.async_stream_infer(
             model, _grpc_inputs(inputs), request_id=request_id or uuid.uuid4().hex, enable_empty_final_response=True
         )
         while True:
             try:
-                result, error = results.get(timeout=timeout_s)
+                result, error = self._results.get(timeout=timeout_s)
             except queue.Empty as exc:
                 raise TimeoutError(f"no response from {model} within {timeout_s:.0f} s") from exc
             if error is not None:
                 raise InferenceFailed(str(error))
             response = result.get_response()
             final = response.parameters.get("triton_final_response")
-            is_final = bool(final and final.bool_param)
             if response.outputs:
                 yield _decode(result)
-            if is_final:
+            if final and final.bool_param:
                 return
-    finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
+
+    def close(self) -> None:
+        self._client.stop_stream(cancel_requests=True)
+        self._client.close()
+
+    def __enter__(self) -> GrpcStreamClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stream_grpc(url: str, model: str, inputs: RequestInputs, timeout_s: float = 300.0,
+                request_id: str | None = None) -> Iterator[dict[str, Any]]:
+    """Send one request on a connection of its own; yield each response until the final one."""
+    with GrpcStreamClient(url) as client:
+        yield from client.generate(model, inputs, timeout_s, request_id)
 
 
 def generate_http(url: str, model: str, inputs: RequestInputs, timeout_s: float = 300.0) -> dict[str, Any]:

@@ -10,6 +10,7 @@ tokens). Every build writes byte-identical files. Run ``python -m mmtriton.tiny_
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import shutil
@@ -20,8 +21,6 @@ from pathlib import Path
 
 from mmtriton.settings import cache_dir
 
-# Bump when anything below changes what is written: the cache is rebuilt on a new version.
-BUILD_VERSION = "1"
 SEED = 1234
 WEIGHT_STD = 0.15
 
@@ -247,29 +246,50 @@ def build_all(root: Path) -> dict[str, Path]:
     return out
 
 
+def build_stamp() -> str:
+    """Changes whenever what a build writes could change: this file or the transformers version."""
+    import transformers
+
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return f"{source} transformers-{transformers.__version__}"
+
+
 def ensure_tiny_models(root: Path | None = None, progress: bool = False) -> dict[str, Path]:
     """Build the tiny models once; later calls return the cached paths at once."""
     root = root or cache_dir() / "tiny"
     stamp = root / "BUILD"
     paths = {name: root / name for name in BUILDERS}
-    if stamp.exists() and stamp.read_text().strip() == BUILD_VERSION and all(p.exists() for p in paths.values()):
+    want = build_stamp()
+
+    def built() -> bool:
+        return stamp.exists() and stamp.read_text().strip() == want and all(p.exists() for p in paths.values())
+
+    if built():
         return paths
+    root.mkdir(parents=True, exist_ok=True)
+    # Several model stubs may start at once: one builds, the others wait and reuse.
+    with open(root.parent / ".tiny-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built():
+            _build_into(root, paths, want, progress)
+    return paths
+
+
+def _build_into(root: Path, paths: dict[str, Path], want: str, progress: bool) -> None:
+    stamp = root / "BUILD"
     if progress:
         print(f"Building tiny models in {root} …", flush=True)
     t0 = time.monotonic()
-    root.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and swap in, so a killed build never leaves a half-written cache.
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
         build_all(Path(tmp))
-        root.mkdir(parents=True, exist_ok=True)
         for name in BUILDERS:
             if paths[name].exists():
                 shutil.rmtree(paths[name])
             shutil.move(str(Path(tmp) / name), paths[name])
-    stamp.write_text(BUILD_VERSION + "\n")
+    stamp.write_text(want + "\n")
     if progress:
         print(f"Built tiny models in {time.monotonic() - t0:.1f} s", flush=True)
-    return paths
 
 
 def main(argv: list[str] | None = None) -> int:

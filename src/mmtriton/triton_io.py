@@ -44,7 +44,13 @@ def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
 
 
 def load_settings(args: Mapping[str, str]) -> Settings:
-    return Settings.load(model_parameters(args))
+    """Settings for a model; with no model configured, the embedded tiny model (built on first use)."""
+    settings = Settings.load(model_parameters(args))
+    if not settings.model:
+        from mmtriton.tiny_models import ensure_tiny_models
+
+        ensure_tiny_models()
+    return settings
 
 
 def read_inputs(request, names: Iterable[str]) -> dict[str, np.ndarray | None]:
@@ -81,7 +87,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class ResponseThread:
-    """Sends responses off the engine loop, in order, and records client cancellation as it goes."""
+    """Sends responses off the engine loop, in order; a failed send marks the request cancelled."""
 
     def __init__(self, logger):
         self.logger = logger
@@ -103,8 +109,6 @@ class ResponseThread:
                     channel.sender.send(flags=flags)
                 else:
                     channel.sender.send(response, flags=flags)
-                if not flags & FINAL:
-                    channel.cancelled = channel.cancelled or channel.sender.is_cancelled()
             except Exception:
                 self.logger.log_error(f"sending a response failed: {traceback.format_exc()}")
                 channel.cancelled = True
@@ -117,7 +121,8 @@ class ResponseThread:
 class ResponseChannel:
     """One request's way back to its client, usable from any thread."""
 
-    # How often a non-streaming request asks Triton whether its client is still there.
+    # How often a request asks Triton whether its client is still there. Each ask is a round trip to the
+    # server process, so not after every streamed token (that cost ~1 ms per token on 2 cores).
     CANCEL_POLL_S = 0.05
 
     def __init__(self, request, responses: ResponseThread):

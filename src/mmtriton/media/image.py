@@ -23,7 +23,7 @@ def decode_image(data: bytes, where: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=None)
     except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"{where}: image too large ({exc})") from exc
+        raise InvalidInput(f"{where}: image is too large: over {max_pixels} pixels ({exc})") from exc
     except Exception as exc:  # PIL raises many types for garbage input
         raise InvalidInput(f"{where}: cannot identify image data ({type(exc).__name__})") from exc
     if img.format not in ALLOWED_IMAGE_FORMATS:
@@ -34,7 +34,9 @@ def decode_image(data: bytes, where: str, max_pixels: int) -> Image.Image:
     width, height = img.size
     # Header only so far: refuse decompression bombs before any pixel is decoded.
     if width * height > max_pixels:
-        raise InvalidInput(f"{where}: image is {width}x{height} = {width * height} pixels, limit is {max_pixels}")
+        raise InvalidInput(
+            f"{where}: image is too large: {width}x{height} = {width * height} pixels, limit is {max_pixels}"
+        )
     try:
         img.load()
     except Exception as exc:
