@@ -51,7 +51,8 @@ def test_family_by_model_type(tmp_path, model_type, family):
 def test_family_refuses_media_it_cannot_take():
     vl = next(f for f in FAMILIES if f.name == "qwen2-vl")
     vl.check_media(["image", "video", "image"], "m")
-    with pytest.raises(InvalidInput, match=r"model m \(qwen2-vl\) does not take audio input \(it takes: image, video\)"):
+    expected = r"model m \(qwen2-vl\) does not take audio input \(it takes: image, video\)"
+    with pytest.raises(InvalidInput, match=expected):
         vl.check_media(["image", "audio"], "m")
     with pytest.raises(InvalidInput, match="text only"):
         TEXT_ONLY.check_media(["image"], "m")
