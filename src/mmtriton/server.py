@@ -265,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             stopping = True
             raise KeyboardInterrupt
 
+    # Both explicitly: a shell starting us in the background leaves SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt.
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         waited = server.wait_ready(args.timeout, progress=True)
         print(_ready_banner(config, waited), flush=True)
