@@ -103,8 +103,10 @@ def triton_server(tiny_models, media_dir):
 def _offline_llm(path: Path, limit: dict[str, int]):
     from vllm import LLM
 
+    # enable_mm_embeds: the same engine also takes precomputed embeddings (checked against pixels).
     return LLM(
-        str(path), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN, limit_mm_per_prompt=limit, seed=0
+        str(path), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN, limit_mm_per_prompt=limit,
+        enable_mm_embeds=True, seed=0,
     )
 
 

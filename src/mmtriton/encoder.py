@@ -1,0 +1,98 @@
+"""Image encoders that load only the vision tower (+ projector) of a checkpoint, never the language model.
+
+``ImageEncoder.encode(images)`` runs the model's own image processor and tower over a batch of images (from one
+or several requests: one forward pass) and returns one :class:`EncodedImage` per image, in the format the LLM
+engine takes as embeddings input. Which tower and format is the family's business (mmtriton.families).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedImage:
+    embeddings: torch.Tensor  # [num_tokens, hidden]: what replaces the image's placeholder tokens
+    # Family-specific extras the LLM needs besides the embeddings (Qwen2-VL: image_grid_thw).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+def load_weights(model_path: str | Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Read only the tensors under ``prefixes`` (prefix stripped) from a safetensors checkpoint, sharded or not."""
+    from safetensors import safe_open
+
+    path = Path(model_path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if k.startswith(prefixes)})
+    else:
+        files = ["model.safetensors"]
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                for prefix in prefixes:
+                    if key.startswith(prefix):
+                        out[key[len(prefix):]] = f.get_tensor(key)
+                        break
+    if not out:
+        raise ValueError(f"no weights under {prefixes} in {path}")
+    return out
+
+
+class Qwen2VLImageEncoder:
+    """Qwen2-VL / Qwen2.5-VL vision tower (its merger is the projector): flat [tokens, hidden] + image_grid_thw."""
+
+    WEIGHT_PREFIXES = ("model.visual.", "visual.")
+
+    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32):
+        from transformers import AutoConfig, AutoImageProcessor
+
+        t0 = time.monotonic()
+        config = AutoConfig.from_pretrained(model_path)
+        self.processor = AutoImageProcessor.from_pretrained(model_path)
+        self.merge_size = int(config.vision_config.spatial_merge_size)
+        self.tower = _build_tower(config).to(dtype).eval()
+        missing, unexpected = self.tower.load_state_dict(load_weights(model_path, self.WEIGHT_PREFIXES), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"vision tower weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.dtype = dtype
+        self.hidden_size = int(config.vision_config.hidden_size)
+        log.info("Qwen2-VL vision tower loaded from %s in %.1f s", model_path, time.monotonic() - t0)
+
+    @torch.inference_mode()
+    def encode(self, images: list) -> list[EncodedImage]:
+        if not images:
+            return []
+        inputs = self.processor(images=images, return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        out = self.tower(inputs["pixel_values"].to(self.dtype), grid_thw=grid)
+        merged = out.pooler_output if hasattr(out, "pooler_output") else out
+        sizes = (grid.prod(-1) // self.merge_size**2).tolist()
+        return [
+            EncodedImage(emb.contiguous(), {"image_grid_thw": [int(v) for v in g]})
+            for emb, g in zip(torch.split(merged, sizes), grid.tolist(), strict=True)
+        ]
+
+
+def _build_tower(config):
+    model_type = config.model_type
+    if model_type == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel as T
+    else:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel as T
+    return T._from_config(config.vision_config)
