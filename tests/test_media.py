@@ -115,7 +115,8 @@ def test_file_urls_only_under_allowed_dirs(tmp_path):
 
 
 @pytest.mark.parametrize("url, message", [
-    ("https://example.invalid/a.png", "http(s) media URLs are not supported yet"),
+    # http(s) is fetched now (tests/test_media_http.py); by default a loopback target is refused before connecting.
+    ("http://127.0.0.1:9/a.png", "w: http://127.0.0.1:9/a.png refused by URL policy: loopback address"),
     ("ftp://x/a.png", "unsupported URL scheme 'ftp'"),
     ("a.png", "unsupported URL scheme"),
 ])

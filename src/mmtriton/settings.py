@@ -56,6 +56,16 @@ class Settings:
     allowed_local_media_dirs: tuple[str, ...] = field(default_factory=tuple)
     # Request limits.
     max_tokens_limit: int = 4096
+    # Remote media (http/https)
+    # Loopback / private (RFC 1918, ULA, CGNAT) targets are refused unless allowed; metadata endpoints always are.
+    allow_loopback_media_urls: bool = False
+    allow_private_media_urls: bool = False
+    # Whole fetch (DNS + every redirect hop + body), and each DNS lookup / TCP connect.
+    media_fetch_timeout_s: float = 10.0
+    media_connect_timeout_s: float = 3.0
+    media_max_redirects: int = 3
+    # Decoded images kept by MediaLoader (LRU, counted as width * height * 3).
+    media_cache_bytes: int = 256 * 1024 * 1024
 
     def model_path(self) -> str:
         return self.model or str(default_model_path())

@@ -1,7 +1,7 @@
-"""Media URL → bytes: ``data:`` URIs and ``file://`` under allow-listed directories.
+"""Media URL → bytes: ``data:`` URIs, ``file://`` under allow-listed directories, and (blocking) http(s).
 
-http(s) fetching (with a URL policy and a shared client) belongs here too; until it lands, such URLs are
-refused with a clear error rather than fetched without a policy.
+http(s) lives in :mod:`mmtriton.media.http` (URL policy, shared client); async code should use
+:class:`mmtriton.media.loader.MediaLoader`, which also caches decoded images.
 """
 
 from __future__ import annotations
@@ -60,12 +60,23 @@ def read_local_file(url: str, where: str, settings: Settings) -> bytes:
     return real.read_bytes()
 
 
+def url_scheme(url: str) -> str:
+    """Lower-case scheme, or "" when there is none."""
+    return url.split(":", 1)[0].strip().lower() if ":" in url else ""
+
+
 def read_media_bytes(url: str, where: str, kind: str, settings: Settings) -> bytes:
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    """Blocking: call it from a worker thread, never on an event loop."""
+    scheme = url_scheme(url)
     if scheme == "data":
         return read_data_uri(url, where, kind, settings.max_media_bytes)
     if scheme == "file":
         return read_local_file(url, where, settings)
     if scheme in ("http", "https"):
-        raise InvalidInput(f"{where}: http(s) media URLs are not supported yet; send a data: URI")
-    raise InvalidInput(f"{where}: unsupported URL scheme {scheme or '(none)'!r}; use data: or file://")
+        # Routed to a blocking wrapper (same policy, limits and errors) rather than refused, so synchronous
+        # callers such as the aggregated pipeline, which runs this in a worker thread, keep working. It opens a
+        # short-lived loop and session per call: no connection reuse and no cache, which MediaLoader provides.
+        from mmtriton.media.http import fetch_http_sync  # aiohttp is only imported when http(s) is used
+
+        return fetch_http_sync(url, where, settings)
+    raise InvalidInput(f"{where}: unsupported URL scheme {scheme or '(none)'!r}; use data:, file:// or http(s)")
