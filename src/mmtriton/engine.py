@@ -79,6 +79,24 @@ def engine_args_for(settings: Settings, limit_mm_per_prompt: dict[str, int], **o
     return args
 
 
+def kv_transfer_args(role: str) -> dict[str, Any]:
+    """Engine args for one side of prefill → decode through vLLM's NixlConnector (CPU buffers here)."""
+    from vllm.config import KVTransferConfig
+
+    from mmtriton import kv_connector
+
+    return dict(
+        kv_transfer_config=KVTransferConfig(
+            kv_connector=kv_connector.CONNECTOR_NAME,
+            kv_connector_module_path=kv_connector.MODULE_PATH,
+            kv_role=role,
+            kv_buffer_device="cpu",
+        ),
+        # Embeddings only: the encoders send them; prefill and decode never see pixels.
+        enable_mm_embeds=True,
+    )
+
+
 def to_vllm_sampling(options: SamplingOptions, **extra: Any):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind

@@ -14,6 +14,7 @@ import argparse
 import filecmp
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -132,6 +133,8 @@ class TritonServer:
         install_python_stub()
         _check_port_free(self.config.host, [self.config.http_port, self.config.grpc_port, self.config.metrics_port])
         env = stub_environment()
+        # The key our prefill signs KV hand-overs with (mmtriton.stages): fresh for every server.
+        env.setdefault("MMT_PIPELINE_SECRET", secrets.token_hex(32))
         env.update(self.config.env)
         log_file = self.config.log_file or (repo_root() / "logs" / "tritonserver.log")
         log_file.parent.mkdir(parents=True, exist_ok=True)

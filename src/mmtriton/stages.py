@@ -1,0 +1,99 @@
+"""Wire schemas between the pipeline's own models (encoder → prefill → decode), and their integrity check.
+
+These travel as JSON in TYPE_STRING tensors. They are internal: ``kv_transfer_params`` in particular must only
+ever come from our own prefill (a forged one can kill the decode engine), so prefill signs what it hands to
+decode with a secret shared by the server's models, and decode refuses anything unsigned or altered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mmtriton.protocol import InvalidInput, SamplingOptions
+from mmtriton.settings import cache_dir
+
+
+class MediaLayout(BaseModel):
+    """What decode needs of one media item to rebuild positions (Qwen2-VL M-RoPE): shape and grid, no data."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "image"
+    num_tokens: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    dtype: str = "float32"
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrefillRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    # EmbeddingDescriptor JSON objects from the encoder, in prompt order.
+    embeddings: list[dict[str, Any]] = Field(default_factory=list)
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+
+
+class PrefillResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kv_transfer_params: dict[str, Any]
+    num_input_tokens: int
+    first_token_id: int
+    media: list[MediaLayout] = Field(default_factory=list)
+    signature: str = ""
+
+
+class DecodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    prefill: PrefillResult
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    stream: bool = False
+
+
+def parse_stage(model: type[BaseModel], raw: str | bytes, what: str):
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise InvalidInput(f"{what}: malformed ({exc.error_count()} errors: {exc.errors()[0]['msg']})") from exc
+
+
+def pipeline_secret() -> bytes:
+    """The key prefill signs with and decode checks with: MMT_PIPELINE_SECRET, else a 0600 file made once."""
+    if os.environ.get("MMT_PIPELINE_SECRET"):
+        return os.environ["MMT_PIPELINE_SECRET"].encode()
+    path = Path(cache_dir()) / "pipeline.secret"
+    if not path.exists():
+        # Several stubs may get here at once: write aside, then link into place (atomic, first one wins).
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".pipeline.secret.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip().encode()
+
+
+def _digest(result: PrefillResult, key: bytes) -> str:
+    body = json.dumps(result.model_dump(exclude={"signature"}), sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def sign(result: PrefillResult, key: bytes) -> PrefillResult:
+    return result.model_copy(update={"signature": _digest(result, key)})
+
+
+def verify(result: PrefillResult, key: bytes) -> None:
+    if not result.signature or not hmac.compare_digest(result.signature, _digest(result, key)):
+        raise InvalidInput("prefill result is not signed by this server's prefill: refused")
