@@ -96,3 +96,13 @@ def _build_tower(config):
     else:
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel as T
     return T._from_config(config.vision_config)
+
+
+def image_encoder_for(model_path: str, dtype: torch.dtype = torch.float32):
+    """The image encoder of the checkpoint's family (chosen by config.json model_type)."""
+    from mmtriton.families import family_for
+
+    family = family_for(model_path)
+    if family.embeds_format == "qwen2_vl":
+        return Qwen2VLImageEncoder(model_path, dtype)
+    raise ValueError(f"no image encoder for model family {family.name} ({model_path}) yet")

@@ -110,7 +110,7 @@ def _pydantic_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _strings(array: np.ndarray | None, name: str) -> list[str]:
+def input_strings(array: np.ndarray | None, name: str) -> list[str]:
     if array is None:
         return []
     out = []
@@ -124,8 +124,8 @@ def _strings(array: np.ndarray | None, name: str) -> list[str]:
     return out
 
 
-def _one_string(array: np.ndarray | None, name: str) -> str | None:
-    values = _strings(array, name)
+def input_string(array: np.ndarray | None, name: str) -> str | None:
+    values = input_strings(array, name)
     if not values:
         return None
     if len(values) != 1:
@@ -190,23 +190,23 @@ def _parse_part(part: Any, where: str, media: list[MediaItem]) -> dict[str, Any]
 
 def parse_request(inputs: Mapping[str, np.ndarray | None], settings: Settings) -> GenerateRequest:
     """Triton input tensors (name → array or None) → a validated :class:`GenerateRequest`."""
-    raw_sampling = _one_string(inputs.get("sampling_parameters"), "sampling_parameters")
+    raw_sampling = input_string(inputs.get("sampling_parameters"), "sampling_parameters")
     sampling = parse_sampling_parameters(raw_sampling, settings)
     stream_arr = inputs.get("stream")
     stream = bool(np.asarray(stream_arr).reshape(-1)[0]) if stream_arr is not None and np.size(stream_arr) else False
 
-    raw_messages = _one_string(inputs.get("messages"), "messages")
+    raw_messages = input_string(inputs.get("messages"), "messages")
     if raw_messages is not None and raw_messages.strip():
         messages, media = _parse_messages(raw_messages)
     else:
-        text = _one_string(inputs.get("text_input"), "text_input")
+        text = input_string(inputs.get("text_input"), "text_input")
         if text is None:
             raise InvalidInput("request needs 'text_input' or 'messages'")
         media = []
         parts: list[dict[str, Any]] = []
         # Media first, then the text: the order Qwen and LLaVA chat templates are trained on.
         for kind in MEDIA_KINDS:
-            for k, url in enumerate(_strings(inputs.get(f"{kind}_url"), f"{kind}_url")):
+            for k, url in enumerate(input_strings(inputs.get(f"{kind}_url"), f"{kind}_url")):
                 if not url:
                     raise InvalidInput(f"{kind}_url[{k}] is empty")
                 media.append(MediaItem(kind, url, f"{kind}_url[{k}]"))
@@ -215,7 +215,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], settings: Settings) -
     # With messages, the *_url tensors add nothing: refuse the ambiguity instead of guessing an order.
     if raw_messages is not None and raw_messages.strip():
         for kind in MEDIA_KINDS:
-            if _strings(inputs.get(f"{kind}_url"), f"{kind}_url"):
+            if input_strings(inputs.get(f"{kind}_url"), f"{kind}_url"):
                 raise InvalidInput(f"send media either in messages or in {kind}_url, not both")
 
     if len(media) > settings.max_media_items:

@@ -66,6 +66,16 @@ class Settings:
     media_max_redirects: int = 3
     # Decoded images kept by MediaLoader (LRU, counted as width * height * 3).
     media_cache_bytes: int = 256 * 1024 * 1024
+    # Disaggregated pipeline (encoder → prefill → decode)
+    # The encoder's NIXL-registered embedding pool, and how long a region waits for the reader's ack.
+    embedding_pool_mib: int = 256
+    embedding_ack_timeout_s: float = 60.0
+    # Each stage call (embedding fetch, BLS call to a stage) gives up after this.
+    stage_timeout_s: float = 120.0
+    # vLLM NixlConnector side channels (host, and one port per engine).
+    kv_side_channel_host: str = "127.0.0.1"
+    prefill_kv_port: int = 5601
+    decode_kv_port: int = 5602
 
     def model_path(self) -> str:
         return self.model or str(default_model_path())

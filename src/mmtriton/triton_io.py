@@ -6,6 +6,7 @@ inside the backend stub). Everything it calls into is plain Python.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import threading
@@ -118,6 +119,22 @@ class ResponseThread:
         self._thread.join(timeout_s)
 
 
+class EventLoopThread:
+    """An asyncio loop on its own thread, for models whose per-request work is asynchronous."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout_s)
+
+
 class ResponseChannel:
     """One request's way back to its client, usable from any thread."""
 
@@ -135,6 +152,13 @@ class ResponseChannel:
     def emit(self, chunk: GenerationChunk) -> None:
         self.closed = self.closed or chunk.finished
         self.responses.put(self, chunk_response(chunk), FINAL if chunk.finished else 0)
+
+    def send_final(self, response) -> None:
+        self.closed = True
+        self.responses.put(self, response, FINAL)
+
+    def send(self, response) -> None:
+        self.responses.put(self, response, 0)
 
     def fail(self, exc: BaseException) -> None:
         if not self.closed:

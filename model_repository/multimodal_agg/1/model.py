@@ -8,7 +8,6 @@ import locale
 # The stub starts with an ASCII default encoding; vLLM/torch need UTF-8 before they are imported.
 locale.setlocale(locale.LC_ALL, "C.UTF-8")
 
-import asyncio  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 import uuid  # noqa: E402
@@ -62,7 +61,7 @@ class TritonPythonModel:
     async def _serve(self, inputs, channel):
         try:
             req = parse_request(inputs, self.settings)
-            engine_input = await asyncio.to_thread(self.pipeline.prepare, req)
+            engine_input = await self.pipeline.prepare(req)
             request_id = uuid.uuid4().hex
             final = await self.engine.generate(
                 request_id=request_id,
@@ -82,5 +81,9 @@ class TritonPythonModel:
 
     def finalize(self):
         self.logger.log_info("multimodal_agg: shutting down")
+        try:
+            self.engine.submit(self.pipeline.media.close()).result(timeout=5)
+        except Exception as exc:  # shutting down anyway
+            self.logger.log_warn(f"multimodal_agg: closing the media client failed: {exc}")
         self.engine.shutdown()
         self.responses.stop()

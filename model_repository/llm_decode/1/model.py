@@ -1,0 +1,55 @@
+"""llm_decode: decode request JSON → streamed tokens (public outputs). Adapter over mmtriton.disagg.DecodeService."""
+
+import locale
+
+locale.setlocale(locale.LC_ALL, "C.UTF-8")  # the stub starts ASCII; vLLM/torch need UTF-8
+
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_SRC = Path(__file__).resolve().parents[3] / "src"
+if _SRC.is_dir() and str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from mmtriton import triton_io  # noqa: E402
+from mmtriton.disagg import DecodeService  # noqa: E402
+from mmtriton.protocol import input_string  # noqa: E402
+from mmtriton.stages import DecodeRequest, parse_stage  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.settings = triton_io.load_settings(args)
+        self.service = DecodeService(self.settings)
+        self.service.engine.start(self.settings.engine_start_timeout_s)
+        self.responses = triton_io.ResponseThread(pb_utils.Logger)
+        pb_utils.Logger.log_info("llm_decode: ready")
+
+    def execute(self, requests):
+        for request in requests:
+            channel = triton_io.ResponseChannel(request, self.responses)
+            try:
+                raw = input_string(triton_io.read_inputs(request, ["decode_request"])["decode_request"], "decode")
+                self.service.engine.submit(self._serve(raw, channel))
+            except Exception as exc:
+                channel.fail(exc)
+        return None
+
+    async def _serve(self, raw, channel):
+        try:
+            request = parse_stage(DecodeRequest, raw or "", "decode_request")
+            final = await self.service.run(request, channel.emit, channel.is_cancelled)
+            if final is None:
+                pb_utils.Logger.log_info("llm_decode: request cancelled by the client; aborted in vLLM")
+                channel.finish_cancelled()
+        except Exception as exc:
+            if not isinstance(exc, ValueError):
+                pb_utils.Logger.log_error(f"llm_decode: {traceback.format_exc()}")
+            channel.fail(exc)
+
+    def finalize(self):
+        self.service.engine.shutdown()
+        self.responses.stop()

@@ -1,0 +1,55 @@
+"""llm_prefill: prefill request JSON → signed prefill result JSON. Thin adapter over mmtriton.disagg.PrefillService."""
+
+import locale
+
+locale.setlocale(locale.LC_ALL, "C.UTF-8")  # the stub starts ASCII; vLLM/torch need UTF-8
+
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_SRC = Path(__file__).resolve().parents[3] / "src"
+if _SRC.is_dir() and str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from mmtriton import triton_io  # noqa: E402
+from mmtriton.disagg import PrefillService  # noqa: E402
+from mmtriton.protocol import input_string  # noqa: E402
+from mmtriton.stages import PrefillRequest, parse_stage  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.settings = triton_io.load_settings(args)
+        self.service = PrefillService(self.settings)
+        self.service.engine.start(self.settings.engine_start_timeout_s)
+        self.responses = triton_io.ResponseThread(pb_utils.Logger)
+        pb_utils.Logger.log_info("llm_prefill: ready")
+
+    def execute(self, requests):
+        for request in requests:
+            channel = triton_io.ResponseChannel(request, self.responses)
+            try:
+                raw = input_string(triton_io.read_inputs(request, ["prefill_request"])["prefill_request"], "prefill")
+                self.service.engine.submit(self._serve(raw, channel))
+            except Exception as exc:
+                channel.fail(exc)
+        return None
+
+    async def _serve(self, raw, channel):
+        try:
+            result = await self.service.run(parse_stage(PrefillRequest, raw or "", "prefill_request"))
+            out = pb_utils.Tensor("prefill_result", np.array([result.model_dump_json().encode()], dtype=np.object_))
+            channel.send_final(pb_utils.InferenceResponse(output_tensors=[out]))
+        except Exception as exc:
+            if not isinstance(exc, ValueError):
+                pb_utils.Logger.log_error(f"llm_prefill: {traceback.format_exc()}")
+            channel.fail(exc)
+
+    def finalize(self):
+        self.service.engine.shutdown()
+        self.service.receiver.close()
+        self.responses.stop()

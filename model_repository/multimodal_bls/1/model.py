@@ -1,0 +1,130 @@
+"""multimodal_bls: the public contract served by encoder_image → llm_prefill → llm_decode through BLS calls.
+
+The orchestration is mmtriton.disagg.Orchestrator; this file only turns its three stage calls into Triton BLS
+requests and forwards llm_decode's responses to the client.
+"""
+
+import locale
+
+locale.setlocale(locale.LC_ALL, "C.UTF-8")  # the stub starts ASCII; transformers needs UTF-8
+
+import asyncio  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_SRC = Path(__file__).resolve().parents[3] / "src"
+if _SRC.is_dir() and str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from mmtriton import triton_io  # noqa: E402
+from mmtriton.disagg import Orchestrator  # noqa: E402
+from mmtriton.protocol import INPUTS, OUTPUTS, InvalidInput, parse_request  # noqa: E402
+from mmtriton.stages import PrefillResult, parse_stage  # noqa: E402
+
+INPUT_NAMES = [i["name"] for i in INPUTS]
+
+
+def _string_tensor(name, values):
+    return pb_utils.Tensor(name, np.array([v.encode() for v in values], dtype=np.object_))
+
+
+def _raise_for(response, stage):
+    if response.has_error():
+        error = response.error()
+        if error.code() == pb_utils.TritonError.INVALID_ARG:
+            raise InvalidInput(error.message())
+        raise RuntimeError(f"{stage}: {error.message()}")
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(config):
+        return triton_io.auto_complete(config, INPUTS, OUTPUTS, decoupled=True)
+
+    def initialize(self, args):
+        self.settings = triton_io.load_settings(args)
+        self.timeout_us = int(self.settings.stage_timeout_s * 1e6)
+        self.responses = triton_io.ResponseThread(pb_utils.Logger)
+        self.loop = triton_io.EventLoopThread("multimodal_bls-loop")
+        self.orchestrator = Orchestrator(self.settings, self._encode, self._prefill)
+
+    def execute(self, requests):
+        for request in requests:
+            channel = triton_io.ResponseChannel(request, self.responses)
+            try:
+                inputs = triton_io.read_inputs(request, INPUT_NAMES)
+                self.loop.submit(self._serve(inputs, channel))
+            except Exception as exc:
+                channel.fail(exc)
+        return None
+
+    async def _serve(self, inputs, channel):
+        try:
+            await self.orchestrator.run(
+                parse_request(inputs, self.settings),
+                decode=lambda decode_request: asyncio.to_thread(self._decode, decode_request, channel),
+            )
+        except Exception as exc:
+            if not isinstance(exc, ValueError):
+                pb_utils.Logger.log_error(f"multimodal_bls: {traceback.format_exc()}")
+            channel.fail(exc)
+
+    async def _encode(self, items):
+        request = pb_utils.InferenceRequest(
+            model_name="encoder_image", inputs=[_string_tensor("image_url", [i.url for i in items])],
+            requested_output_names=["embeddings"], timeout=self.timeout_us,
+        )
+        response = await request.async_exec()
+        _raise_for(response, "encoder_image")
+        raw = pb_utils.get_output_tensor_by_name(response, "embeddings").as_numpy().reshape(-1)
+        # The encoder names items image_url[i] in its errors; the mapping back to the client's own names
+        # (messages[...]) is by position.
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+
+    async def _prefill(self, prefill_request):
+        request = pb_utils.InferenceRequest(
+            model_name="llm_prefill", inputs=[_string_tensor("prefill_request", [prefill_request.model_dump_json()])],
+            requested_output_names=["prefill_result"], timeout=self.timeout_us,
+        )
+        # llm_prefill is decoupled: one response with data, then the final flag.
+        responses = await asyncio.to_thread(lambda: list(request.exec(decoupled=True)))
+        for response in responses:
+            _raise_for(response, "llm_prefill")
+            tensor = pb_utils.get_output_tensor_by_name(response, "prefill_result")
+            if tensor is not None:
+                raw = tensor.as_numpy().reshape(-1)[0]
+                return parse_stage(PrefillResult, raw, "prefill_result")
+        raise RuntimeError("llm_prefill answered without a result")
+
+    def _decode(self, decode_request, channel):
+        """Forward llm_decode's responses as they come (blocking iterator: runs in a worker thread)."""
+        request = pb_utils.InferenceRequest(
+            model_name="llm_decode", inputs=[_string_tensor("decode_request", [decode_request.model_dump_json()])],
+            requested_output_names=[o["name"] for o in OUTPUTS], timeout=self.timeout_us,
+        )
+        held = None  # one response held back, so the last one can carry the FINAL flag
+        responses = request.exec(decoupled=True)
+        for response in responses:
+            _raise_for(response, "llm_decode")
+            if channel.is_cancelled():
+                if hasattr(responses, "cancel"):
+                    responses.cancel()
+                channel.finish_cancelled()
+                return
+            if not response.output_tensors():
+                continue  # the empty final-flag response
+            if held is not None:
+                channel.send(held)
+            held = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
+        if held is None:
+            raise RuntimeError("llm_decode sent no output")
+        channel.send_final(held)
+
+    def finalize(self):
+        self.loop.stop()
+        self.responses.stop()
+

@@ -1,0 +1,195 @@
+"""The disaggregated pipeline as plain Python: encode → (NIXL) → prefill → (vLLM KV connector) → decode.
+
+Each stage is a class the matching Triton model wraps; ``Orchestrator`` chains them for the BLS model through
+three callables, so it runs the same with Triton BLS calls or direct calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import torch
+
+from mmtriton.chat import ChatFormatter
+from mmtriton.engine import (
+    EngineDead,
+    GenerationChunk,
+    VllmEngine,
+    engine_args_for,
+    kv_transfer_args,
+    resolve_dtype,
+    to_vllm_sampling,
+)
+from mmtriton.families import Family, checkpoint_config, family_for
+from mmtriton.media.loader import MediaLoader
+from mmtriton.protocol import GenerateRequest, InvalidInput, MediaItem
+from mmtriton.settings import Settings
+from mmtriton.stages import DecodeRequest, MediaLayout, PrefillRequest, PrefillResult, pipeline_secret, sign, verify
+from mmtriton.transfer import EmbeddingDescriptor, EmbeddingReceiver, EmbeddingSender
+
+MiB = 1024 * 1024
+
+
+def text_hidden_size(model_path: str) -> int:
+    config = checkpoint_config(model_path)
+    return int((config.get("text_config") or config)["hidden_size"])
+
+
+# ---- encoder ---------------------------------------------------------------------------------------------
+class ImageEncoderService:
+    """Images → embeddings in this process's NIXL pool → one descriptor (JSON) per image."""
+
+    def __init__(self, settings: Settings, agent_name: str | None = None):
+        from mmtriton.encoder import image_encoder_for
+
+        self.settings = settings
+        dtype = resolve_dtype(settings)
+        self.encoder = image_encoder_for(settings.model_path(), getattr(torch, dtype, torch.float32))
+        self.media = MediaLoader(settings)
+        self.sender = EmbeddingSender(
+            agent_name or f"encoder_image-{os.getpid()}", settings.embedding_pool_mib * MiB,
+            ack_timeout_s=settings.embedding_ack_timeout_s,
+        )
+
+    async def encode(self, items: list[MediaItem]) -> list[str]:
+        images = await asyncio.gather(*(self.media.load_image(item) for item in items))
+        encoded = await asyncio.to_thread(self.encoder.encode, list(images))
+        return [self.sender.put(e.embeddings, e.extra).to_json() for e in encoded]
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+# ---- prefill ---------------------------------------------------------------------------------------------
+class PrefillService:
+    """Pulls the embeddings over NIXL, runs prefill (one token) as KV producer, returns signed hand-over data."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.model_path = settings.model_path()
+        self.family: Family = family_for(self.model_path)
+        self.hidden_size = text_hidden_size(self.model_path)
+        self.key = pipeline_secret()
+        self.receiver = EmbeddingReceiver(f"llm_prefill-{os.getpid()}", settings.embedding_pool_mib * MiB)
+        self.engine = VllmEngine(
+            engine_args_for(settings, {"image": settings.max_media_items, "video": 0},
+                            **kv_transfer_args("kv_producer")),
+            env=_engine_env(settings, settings.prefill_kv_port),
+        )
+
+    async def run(self, request: PrefillRequest) -> PrefillResult:
+        descriptors = [EmbeddingDescriptor.from_dict(d) for d in request.embeddings]
+        tensors = await asyncio.gather(*(
+            asyncio.to_thread(self.receiver.fetch, d, self.settings.stage_timeout_s) for d in descriptors
+        ))
+        layouts = [self._layout(d, t) for d, t in zip(descriptors, tensors, strict=True)]
+        prompt: dict[str, Any] = {"prompt": request.prompt}
+        if tensors:
+            prompt["multi_modal_data"] = self.family.embeddings_mm_data(list(tensors), layouts)
+        params = to_vllm_sampling(
+            request.sampling.model_copy(update={"max_tokens": 1, "min_tokens": 0}),
+            extra_args={"kv_transfer_params": {"do_remote_decode": True}},
+        )
+        final = await self.engine.generate(uuid.uuid4().hex, prompt, params, stream=False,
+                                           emit=lambda _chunk: None, cancelled=lambda: False)
+        if final is None or "kv_transfer_params" not in final.extra:
+            raise EngineDead("prefill returned no kv_transfer_params")
+        result = PrefillResult(kv_transfer_params=final.extra["kv_transfer_params"],
+                               num_input_tokens=final.num_input_tokens, first_token_id=final.token_ids[0],
+                               media=layouts)
+        return sign(result, self.key)
+
+    def _layout(self, desc: EmbeddingDescriptor, tensor: torch.Tensor) -> MediaLayout:
+        if tensor.dim() != 2 or tensor.shape[1] != self.hidden_size:
+            raise InvalidInput(f"embedding {desc.transfer_id}: shape {list(tensor.shape)} is not [tokens, "
+                               f"{self.hidden_size}]")
+        layout = MediaLayout(num_tokens=int(tensor.shape[0]), hidden_size=self.hidden_size,
+                             dtype=str(tensor.dtype).removeprefix("torch."), extra=dict(desc.extra))
+        self.family.check_layout(layout)
+        return layout
+
+
+# ---- decode ----------------------------------------------------------------------------------------------
+class DecodeService:
+    """KV consumer: continues from a signed prefill hand-over and streams tokens."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.family = family_for(settings.model_path())
+        self.key = pipeline_secret()
+        self.engine = VllmEngine(
+            engine_args_for(settings, {"image": settings.max_media_items, "video": 0},
+                            **kv_transfer_args("kv_consumer")),
+            env=_engine_env(settings, settings.decode_kv_port),
+        )
+
+    async def run(self, request: DecodeRequest, emit: Callable[[GenerationChunk], None],
+                  cancelled: Callable[[], bool]) -> GenerationChunk | None:
+        verify(request.prefill, self.key)
+        prompt: dict[str, Any] = {"prompt": request.prompt}
+        if request.prefill.media:
+            # The KV comes from prefill; decode needs the media's shape and grid for positions (M-RoPE), not
+            # its values: zeros of the right shape give the same tokens.
+            layouts = request.prefill.media
+            zeros = [torch.zeros(m.num_tokens, m.hidden_size, dtype=getattr(torch, m.dtype)) for m in layouts]
+            prompt["multi_modal_data"] = self.family.embeddings_mm_data(zeros, layouts)
+        params = to_vllm_sampling(request.sampling,
+                                  extra_args={"kv_transfer_params": request.prefill.kv_transfer_params})
+        return await self.engine.generate(uuid.uuid4().hex, prompt, params, request.stream, emit, cancelled)
+
+
+def _engine_env(settings: Settings, side_channel_port: int) -> dict[str, str]:
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": settings.kv_side_channel_host,
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port),
+        # UCX listens on every interface unless told otherwise: loopback unless the user chose.
+        "UCX_NET_DEVICES": os.environ.get("UCX_NET_DEVICES", "lo"),
+    }
+
+
+# ---- orchestration (BLS) ---------------------------------------------------------------------------------
+EncodeCall = Callable[[list[MediaItem]], Awaitable[list[str]]]
+PrefillCall = Callable[[PrefillRequest], Awaitable[PrefillResult]]
+DecodeCall = Callable[[DecodeRequest], Awaitable[None]]
+
+
+class Orchestrator:
+    """Request → prompt → (encode if media) → prefill → decode. Text-only requests skip the encoder."""
+
+    def __init__(self, settings: Settings, encode: EncodeCall, prefill: PrefillCall):
+        self.settings = settings
+        self.model_path = settings.model_path()
+        self.family = family_for(self.model_path)
+        self.chat = ChatFormatter(self.model_path)
+        self.encode, self.prefill = encode, prefill
+
+    def plan(self, request: GenerateRequest) -> tuple[str, list[MediaItem]]:
+        self.family.check_media([m.kind for m in request.media], self.model_path)
+        _only_images(request.media)
+        return self.chat.render(request.messages), list(request.media)
+
+    async def run(self, request: GenerateRequest, decode: DecodeCall) -> None:
+        """``decode`` streams the answer to this request's client."""
+        prompt, images = self.plan(request)
+        embeddings = [json_obj(d) for d in await self.encode(images)] if images else []
+        result = await self.prefill(PrefillRequest(prompt=prompt, embeddings=embeddings, sampling=request.sampling))
+        await decode(DecodeRequest(prompt=prompt, prefill=result, sampling=request.sampling,
+                                        stream=request.stream))
+
+
+def _only_images(items: Iterable[MediaItem]) -> None:
+    for item in items:
+        if item.kind != "image":
+            raise InvalidInput(f"{item.where}: {item.kind} is not served by the disaggregated path yet; "
+                               "use multimodal_agg")
+
+
+def json_obj(raw: str) -> dict[str, Any]:
+    import json
+
+    return json.loads(raw)
