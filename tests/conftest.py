@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import os
 import socket
 import sys
+import threading
+import time
 import wave
 from pathlib import Path
 
@@ -71,24 +75,59 @@ def media_dir(tmp_path_factory) -> Path:
     """An allow-listed directory of test media for file:// requests."""
     d = tmp_path_factory.mktemp("media")
     (d / "a.png").write_bytes(png_bytes(pattern_image(100, 80, seed=1)))
+    (d / "b.png").write_bytes(png_bytes(pattern_image(120, 70, seed=4)))
+    (d / "huge.png").write_bytes(png_bytes(pattern_image(1200, 1000, seed=5)))
+    (d / "truncated.png").write_bytes(png_bytes(pattern_image(100, 80, seed=6))[:300])
+    pattern_image(40, 30, seed=7).save(d / "anim.gif", format="GIF")
     return d
+
+
+class _MediaHandler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path.startswith("/slow"):
+            time.sleep(5)
+        self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def media_http(media_dir):
+    """http://127.0.0.1:<port>/ serving media_dir (the server allows loopback URLs in the tests only)."""
+    handler = functools.partial(_MediaHandler, directory=str(media_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.hits = {}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+PIPELINE_MODELS = ["multimodal_agg", "encoder_image", "llm_prefill", "llm_decode", "multimodal_bls"]
 
 
 @pytest.fixture(scope="session")
 def triton_server(tiny_models, media_dir):
-    """One tritonserver for the whole session, with multimodal_agg on the tiny Qwen2-VL."""
+    """One tritonserver for the whole session: every model, on the tiny Qwen2-VL."""
     from mmtriton.server import ServerConfig, TritonServer
 
     config = ServerConfig(
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
-        models=["multimodal_agg"],
+        models=PIPELINE_MODELS,
         log_file=ROOT / "logs" / "test-tritonserver.log",
         env={
             "MMT_MODEL": str(tiny_models["qwen2-vl"]),
             "MMT_ALLOWED_LOCAL_MEDIA_DIRS": str(media_dir),
             "MMT_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+            "MMT_ALLOW_LOOPBACK_MEDIA_URLS": "1",
+            "MMT_MEDIA_FETCH_TIMEOUT_S": "2",
+            "MMT_MAX_IMAGE_PIXELS": str(1024 * 1024),
+            "MMT_PREFILL_KV_PORT": str(free_port()),
+            "MMT_DECODE_KV_PORT": str(free_port()),
         },
     )
     server = TritonServer(config)

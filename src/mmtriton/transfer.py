@@ -32,6 +32,7 @@ import binascii
 import bisect
 import contextlib
 import ctypes
+import hashlib
 import json
 import logging
 import math
@@ -63,6 +64,9 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 ACK_PREFIX = b"mmt-ack:"
+# Each region ends with a tag derived from its transfer id. The sender wipes it when it reclaims an expired
+# region, so a reader that comes too late gets an error instead of some other request's embedding.
+TAG_BYTES = 16
 DEFAULT_ALIGNMENT = 256
 DESCRIPTOR_VERSION = 1
 _LOOPBACK_DEVICES = "lo"
@@ -74,6 +78,10 @@ class TransferError(RuntimeError):
 
 class PeerDisconnected(TransferError):
     """The sender's agent is unreachable: its process died or its network went away."""
+
+
+class TransferExpired(TransferError):
+    """The sender reclaimed the region (no ack within its ack_timeout_s) before this READ: data not trusted."""
 
 
 class PoolFull(RuntimeError):
@@ -334,6 +342,10 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def _tag(transfer_id: str) -> bytes:
+    return hashlib.blake2b(transfer_id.encode(), digest_size=TAG_BYTES).digest()
+
+
 def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy between equal-sized 1-D uint8 tensors.
 
@@ -424,7 +436,7 @@ class EmbeddingSender:
         if nbytes:
             with self._lock:
                 self._reclaim_expired_locked(time.monotonic())
-                off = self._alloc.allocate(nbytes)
+                off = self._alloc.allocate(nbytes + TAG_BYTES)
                 if off is None:
                     self._counts["pool_full"] += 1
                     raise PoolFull(
@@ -436,6 +448,7 @@ class EmbeddingSender:
             try:
                 # Copy outside the lock: up to ~100 MB, and other puts need not wait for it.
                 _copy_bytes(self._pool[offset : offset + nbytes], _byte_view(tensor.detach().contiguous()))
+                ctypes.memmove(self._base + offset + nbytes, _tag(tid), TAG_BYTES)
             except BaseException:
                 with self._lock:
                     self._alloc.free(offset)
@@ -485,9 +498,9 @@ class EmbeddingSender:
             self._agent.deregister_memory(self._reg)
         except Exception as e:  # best effort at shutdown
             log.warning("sender %s: deregistering the pool failed: %s", self.name, e)
-        # Agent before pool, so the memory outlives every handle that could reach it.
-        del self._agent
-        del self._pool
+        # Drop the agent but keep the pool until this object dies: memory must outlive every handle that
+        # could reach it, and a put() racing close() may still be copying into it.
+        self._agent = None
 
     def __enter__(self) -> EmbeddingSender:
         return self
@@ -501,6 +514,7 @@ class EmbeddingSender:
         expired = [tid for tid, o in self._outstanding.items() if o.deadline <= now]
         for tid in expired:
             o = self._outstanding.pop(tid)
+            ctypes.memset(self._base + o.offset + o.nbytes, 0, TAG_BYTES)  # a late READ must not pass as valid
             self._alloc.free(o.offset)
             self._counts["expired"] += 1
             log.warning(
@@ -527,6 +541,8 @@ class EmbeddingSender:
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
+            # Clear before looking at the state: a put() that lands after this is never missed by wait().
+            self._wake.clear()
             try:
                 # get_new_notifs() also drives UCX progress, which TCP READs from this pool depend on.
                 notifs = self._agent.get_new_notifs()
@@ -542,7 +558,6 @@ class EmbeddingSender:
                     self._counts["poll_errors"] += 1
                 busy = False
             self._wake.wait(self._poll_s if busy else self._idle_poll_s)
-            self._wake.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -593,15 +608,21 @@ class EmbeddingReceiver:
                 f"transfer {desc.transfer_id}: dtype {desc.dtype} not allowed here "
                 f"(allowed: {', '.join(self.allowed_dtypes)})"
             )
-        if desc.nbytes > self.pool_bytes:
+        if desc.nbytes + TAG_BYTES > self.pool_bytes:
             raise ValueError(
-                f"transfer {desc.transfer_id}: {desc.nbytes} bytes exceed this receiver's pool "
-                f"of {self.pool_bytes} bytes"
+                f"transfer {desc.transfer_id}: {desc.nbytes} bytes (+{TAG_BYTES} tag) exceed this receiver's "
+                f"pool of {self.pool_bytes} bytes"
             )
         desc.metadata_bytes()
 
-    def fetch(self, desc: EmbeddingDescriptor | str, timeout_s: float = 30.0) -> torch.Tensor:
-        """READ the embedding ``desc`` points at, ack it, and return it as a new tensor.
+    def fetch(
+        self, desc: EmbeddingDescriptor | str, timeout_s: float = 30.0, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """READ the embedding ``desc`` points at, ack it, and return it as a new tensor (or in ``out``).
+
+        ``out``, when given, must be a contiguous CPU tensor of the descriptor's shape and dtype: a caller
+        that already owns the destination (a model input buffer) saves the allocation and page faults of a
+        fresh tensor, which dominate fetch() from ~1 MiB up.
 
         Raises ValueError for a bad descriptor, TimeoutError when the transfer (or a free local region) does
         not come within ``timeout_s``, PeerDisconnected when the sender is gone, TransferError otherwise.
@@ -611,7 +632,16 @@ class EmbeddingReceiver:
         if isinstance(desc, str | bytes):
             desc = EmbeddingDescriptor.from_json(desc)
         self.check(desc)
-        out = torch.empty(desc.shape, dtype=DTYPES[desc.dtype])
+        dtype = DTYPES[desc.dtype]
+        if out is None:
+            out = torch.empty(desc.shape, dtype=dtype)
+        elif (
+            out.dtype != dtype or tuple(out.shape) != desc.shape or out.device.type != "cpu" or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"transfer {desc.transfer_id}: out must be a contiguous CPU {desc.dtype} tensor of shape "
+                f"{list(desc.shape)}, got {out.dtype} {list(out.shape)} on {out.device}"
+            )
         if desc.nbytes == 0:
             return out
         deadline = time.monotonic() + timeout_s
@@ -619,6 +649,11 @@ class EmbeddingReceiver:
         reuse_region = True
         try:
             self._read(desc, offset, deadline)
+            if ctypes.string_at(self._base + offset + desc.nbytes, TAG_BYTES) != _tag(desc.transfer_id):
+                raise TransferExpired(
+                    f"transfer {desc.transfer_id} from {desc.agent!r}: the sender's region no longer holds it "
+                    "(not acked within the sender's ack_timeout_s, so reclaimed), or the descriptor was altered"
+                )
             _copy_bytes(_byte_view(out), self._pool[offset : offset + desc.nbytes])
         except BaseException as e:
             # A READ NIXL could not cancel may still land in our region: never hand it out again.
@@ -662,8 +697,7 @@ class EmbeddingReceiver:
                 self._agent.deregister_memory(self._reg)
             except Exception as e:
                 log.warning("receiver %s: deregistering the pool failed: %s", self.name, e)
-            del self._agent
-        del self._pool
+            self._agent = None  # the pool goes with this object, after the agent
 
     def __enter__(self) -> EmbeddingReceiver:
         return self
@@ -677,7 +711,7 @@ class EmbeddingReceiver:
         # Our pool only holds in-flight fetches, so waiting for one to finish is the right back-pressure.
         with self._alloc_cv:
             while True:
-                off = self._alloc.allocate(desc.nbytes)
+                off = self._alloc.allocate(desc.nbytes + TAG_BYTES)
                 if off is not None:
                     return off
                 left = deadline - time.monotonic()
@@ -730,8 +764,9 @@ class EmbeddingReceiver:
         try:
             with self._nixl_lock:
                 self._ensure_peer_locked(desc)
-                local = self._agent.get_xfer_descs([(self._base + offset, desc.nbytes, 0)], "DRAM")
-                remote = self._agent.get_xfer_descs([(desc.addr, desc.nbytes, 0)], "DRAM")
+                size = desc.nbytes + TAG_BYTES
+                local = self._agent.get_xfer_descs([(self._base + offset, size, 0)], "DRAM")
+                remote = self._agent.get_xfer_descs([(desc.addr, size, 0)], "DRAM")
                 handle = self._agent.initialize_xfer("READ", local, remote, desc.agent)
                 state = self._agent.transfer(handle)
             spins = 0

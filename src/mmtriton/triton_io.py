@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -178,3 +178,45 @@ class ResponseChannel:
             self._last_poll = now
             self.cancelled = self.sender.is_cancelled()
         return self.cancelled
+
+
+class GaugeExporter:
+    """Publishes numbers as Triton custom metrics (on :8002/metrics), refreshed by a background thread.
+
+    ``sources`` maps a metric name to (help text, a function returning {label value: number}); each gets the
+    labels model=<model> and item=<label value>.
+    """
+
+    def __init__(self, model: str, sources: dict[str, tuple[str, Callable[[], dict[str, float]]]],
+                 interval_s: float = 0.5):
+        self.model = model
+        self.sources = sources
+        self.interval_s = interval_s
+        self.families = {
+            name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
+            for name, (text, _fn) in sources.items()
+        }
+        self.gauges: dict[tuple[str, str], Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{model}-metrics", daemon=True)
+        self.refresh()
+        self._thread.start()
+
+    def refresh(self) -> None:
+        for name, (_text, fn) in self.sources.items():
+            for item, value in fn().items():
+                key = (name, item)
+                if key not in self.gauges:
+                    self.gauges[key] = self.families[name].Metric(labels={"model": self.model, "item": item})
+                self.gauges[key].set(float(value))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.refresh()
+            except Exception:  # metrics must never take the model down
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)

@@ -7,6 +7,7 @@ locale.setlocale(locale.LC_ALL, "C.UTF-8")  # the stub starts ASCII; torch/trans
 
 import asyncio  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 _SRC = Path(__file__).resolve().parents[3] / "src"
@@ -27,6 +28,13 @@ class TritonPythonModel:
         self.service = ImageEncoderService(self.settings)
         # One loop for this instance: the media loader's HTTP session lives on it.
         self.loop = asyncio.new_event_loop()
+        sender = self.service.sender
+        self.metrics = triton_io.GaugeExporter("encoder_image", {
+            "mmtriton_media_cache": ("Decoded-image cache of the encoder (hits, misses, evictions, bytes, items)",
+                                     self.service.media.stats),
+            "mmtriton_embedding_pool": ("Embedding pool occupancy and transfer counters of the encoder",
+                                        lambda: {**asdict(sender.occupancy()), **asdict(sender.stats())}),
+        })
         pb_utils.Logger.log_info(f"encoder_image: {type(self.service.encoder).__name__} ready")
 
     def execute(self, requests):
@@ -43,6 +51,7 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        self.metrics.stop()
         self.loop.run_until_complete(self.service.media.close())
         self.service.close()
         self.loop.close()

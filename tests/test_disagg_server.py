@@ -1,0 +1,182 @@
+"""The disaggregated path (encoder_image → NIXL → llm_prefill → KV connector → llm_decode) through
+multimodal_bls, against the same live server as multimodal_agg: identical greedy tokens, proof that decode used
+the transferred KV, refusal of forged hand-overs, and media failures that name the item and leak nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import urllib.request
+
+import pytest
+
+from client import InferenceFailed, RequestInputs, build_inputs, generate_http, stream_grpc
+from conftest import pattern_image, png_bytes
+
+pytestmark = pytest.mark.integration
+PATHS = ("multimodal_agg", "multimodal_bls")
+GREEDY = {"max_tokens": 24, "temperature": 0.0}
+
+
+def data_uri(img) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
+
+
+def tokens(server, model: str, inputs: RequestInputs) -> tuple[list[int], list[dict]]:
+    responses = list(stream_grpc(server.config.grpc_url, model, inputs, timeout_s=180))
+    return [t for r in responses for t in r["token_ids"]], responses
+
+
+def offline(offline_vl, text: str, images: list, max_tokens: int = 24) -> list[int]:
+    from vllm import SamplingParams
+
+    parts = [{"type": "image"}] * len(images)
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": text}] if parts else text}]
+    prompt = {"prompt": offline_vl.get_tokenizer().apply_chat_template(messages, tokenize=False,
+                                                                        add_generation_prompt=True)}
+    if images:
+        prompt["multi_modal_data"] = {"image": images}
+    out = offline_vl.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False)
+    return list(out[0].outputs[0].token_ids)
+
+
+def metric(server, name: str, item: str) -> float:
+    c = server.config
+    with urllib.request.urlopen(f"http://{c.host}:{c.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(rf'^{name}\{{[^}}]*item="{item}"[^}}]*\}} (\S+)$', text, re.M)
+    assert m, f"{name}{{item={item}}} not exported"
+    return float(m.group(1))
+
+
+def all_paths_equal(server, offline_vl, text: str, urls: list[str], images: list) -> list[int]:
+    want = offline(offline_vl, text, images)
+    for model in PATHS:
+        inputs = build_inputs(text, sampling=GREEDY)
+        inputs.image_url = urls or None
+        got, responses = tokens(server, model, inputs)
+        assert got == want, model
+        assert responses[-1]["finish_reason"] in ("stop", "length")
+    return want
+
+
+def test_text_only(triton_server, offline_vl):
+    all_paths_equal(triton_server, offline_vl, "Hello there", [], [])
+
+
+def test_one_image_data_uri(triton_server, offline_vl):
+    img = pattern_image(100, 80, seed=1)
+    all_paths_equal(triton_server, offline_vl, "Describe the image.", [data_uri(img)], [img])
+
+
+def test_one_image_file_and_http(triton_server, offline_vl, media_dir, media_http):
+    from PIL import Image
+
+    img = Image.open(media_dir / "b.png").convert("RGB")
+    port = media_http.server_address[1]
+    for url in (f"file://{media_dir / 'b.png'}", f"http://127.0.0.1:{port}/b.png"):
+        all_paths_equal(triton_server, offline_vl, "What is this?", [url], [img])
+
+
+def test_three_images(triton_server, offline_vl):
+    imgs = [pattern_image(100, 80, seed=1), pattern_image(130, 90, seed=2), pattern_image(60, 100, seed=3)]
+    all_paths_equal(triton_server, offline_vl, "Compare the three.", [data_uri(i) for i in imgs], imgs)
+
+
+def test_same_image_twice_is_served_from_the_encoder_cache(triton_server, media_http):
+    port = media_http.server_address[1]
+    url = f"http://127.0.0.1:{port}/a.png?twice"
+    hits = metric(triton_server, "mmtriton_media_cache", "hits")
+    first, _ = tokens(triton_server, "multimodal_bls", RequestInputs(
+        text_input="Again?", image_url=[url], sampling_parameters=GREEDY, stream=True))
+    second, _ = tokens(triton_server, "multimodal_bls", RequestInputs(
+        text_input="Again?", image_url=[url], sampling_parameters=GREEDY, stream=True))
+    assert first == second
+    assert metric(triton_server, "mmtriton_media_cache", "hits") == hits + 1
+    assert media_http.hits["/a.png?twice"] == 1, "the second request must not fetch again"
+
+
+def test_long_prompt_decode_uses_the_transferred_kv(triton_server, offline_vl, tiny_models):
+    """Decode is given zero embeddings for the image; only prefill saw the real ones. Equal tokens therefore
+    mean decode's KV for the image came from prefill over the connector, not from its own recomputation."""
+    import torch
+    from vllm import SamplingParams
+
+    from mmtriton.encoder import Qwen2VLImageEncoder
+
+    img = pattern_image(100, 80, seed=1)
+    text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 30)
+    want = all_paths_equal(triton_server, offline_vl, text, [data_uri(img)], [img])
+    # The proof is meaningful: the same prompt with zero image embeddings gives other tokens.
+    encoded = Qwen2VLImageEncoder(str(tiny_models["qwen2-vl"])).encode([img])[0]
+    prompt = offline_vl.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+        tokenize=False, add_generation_prompt=True)
+    zeros = offline_vl.generate({"prompt": prompt, "multi_modal_data": {"image": {
+        "image_embeds": torch.zeros_like(encoded.embeddings),
+        "image_grid_thw": torch.tensor([encoded.extra["image_grid_thw"]])}}},
+        SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
+    assert list(zeros.outputs[0].token_ids) != want
+    assert len(zeros.prompt_token_ids) > 3 * 128, "several whole 128-token KV blocks"
+
+
+def test_bls_streams_one_response_per_token(triton_server):
+    _, responses = tokens(triton_server, "multimodal_bls", build_inputs("Hello", sampling=GREEDY))
+    assert len(responses) == 24
+    assert [r["finish_reason"] for r in responses[:-1]] == [""] * 23
+    assert [r["num_output_tokens"] for r in responses] == list(range(1, 25))
+    once = generate_http(triton_server.config.http_url, "multimodal_bls",
+                         RequestInputs(text_input="Hello", sampling_parameters=GREEDY))
+    assert once["token_ids"] == [t for r in responses for t in r["token_ids"]]
+
+
+def test_forged_kv_hand_over_is_refused(triton_server):
+    forged = {"prompt": "hi", "prefill": {"kv_transfer_params": {"remote_block_ids": [[1, 2]]},
+                                          "num_input_tokens": 2, "first_token_id": 5, "media": []},
+              "sampling": {"max_tokens": 4}}
+    url = f"http://{triton_server.config.http_url}/v2/models/llm_decode/generate"
+    req = urllib.request.Request(url, data=json.dumps({"decode_request": json.dumps(forged)}).encode())
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 400
+    assert "not signed by this server's prefill" in info.value.read().decode()
+    ok = generate_http(triton_server.config.http_url, "multimodal_bls",
+                       RequestInputs(text_input="hi", sampling_parameters={"max_tokens": 2}))
+    assert len(ok["token_ids"]) == 2
+
+
+def _failures(media_dir, port):
+    return [
+        (f"http://127.0.0.1:{port}/missing.png", "http 404"),
+        (f"http://127.0.0.1:{port}/slow/a.png", "timed out"),
+        ("http://10.1.2.3/a.png", "private"),
+        ("http://169.254.169.254/latest/meta-data", "metadata"),
+        (f"file://{media_dir / 'anim.gif'}", "image format GIF is not allowed"),
+        (f"file://{media_dir / 'truncated.png'}", "truncated or corrupt"),
+        (f"file://{media_dir / 'huge.png'}", "image is too large"),
+    ]
+
+
+def test_media_failures_name_the_item_and_leak_nothing(triton_server, media_dir, media_http):
+    port = media_http.server_address[1]
+    good = data_uri(pattern_image(100, 80, seed=1))
+    for url, expect in _failures(media_dir, port):
+        for model in PATHS:
+            with pytest.raises(InferenceFailed) as info:
+                tokens(triton_server, model, RequestInputs(text_input="x", image_url=[good, url],
+                                                           sampling_parameters={"max_tokens": 2}, stream=True))
+            message = str(info.value)
+            assert "image_url[1]" in message and expect.lower() in message.lower(), (model, url, message)
+    with pytest.raises(InferenceFailed, match="too many media items"):
+        tokens(triton_server, "multimodal_bls", RequestInputs(text_input="x", image_url=[good] * 9, stream=True))
+    # Every region the encoder handed out was acknowledged by prefill or released: the pool is empty again.
+    deadline = time.monotonic() + 30
+    while metric(triton_server, "mmtriton_embedding_pool", "bytes_in_use") != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert metric(triton_server, "mmtriton_embedding_pool", "bytes_in_use") == 0
+    assert metric(triton_server, "mmtriton_embedding_pool", "expired") == 0
+    ok, _ = tokens(triton_server, "multimodal_bls", RequestInputs(text_input="x", image_url=[good],
+                                                                 sampling_parameters={"max_tokens": 3}, stream=True))
+    assert len(ok) == 3
