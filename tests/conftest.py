@@ -105,7 +105,8 @@ def media_http(media_dir):
     server.shutdown()
 
 
-PIPELINE_MODELS = ["multimodal_agg", "encoder_image", "llm_prefill", "llm_decode", "multimodal_bls"]
+PIPELINE_MODELS = ["multimodal_agg", "encoder_image", "llm_prefill", "llm_decode", "multimodal_bls", "preprocess",
+                   "multimodal"]
 
 
 @pytest.fixture(scope="session")

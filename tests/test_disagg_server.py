@@ -16,7 +16,7 @@ from client import InferenceFailed, RequestInputs, build_inputs, generate_http, 
 from conftest import pattern_image, png_bytes
 
 pytestmark = pytest.mark.integration
-PATHS = ("multimodal_agg", "multimodal_bls")
+PATHS = ("multimodal_agg", "multimodal_bls", "multimodal")
 GREEDY = {"max_tokens": 24, "temperature": 0.0}
 
 

@@ -158,28 +158,47 @@ PrefillCall = Callable[[PrefillRequest], Awaitable[PrefillResult]]
 DecodeCall = Callable[[DecodeRequest], Awaitable[None]]
 
 
+class RequestPlanner:
+    """Public request → the prompt (model's chat template) and the images to encode, in prompt order."""
+
+    def __init__(self, settings: Settings):
+        self.model_path = settings.model_path()
+        self.family = family_for(self.model_path)
+        self.chat = ChatFormatter(self.model_path)
+
+    def plan(self, request: GenerateRequest) -> tuple[PrefillRequest, list[MediaItem]]:
+        self.family.check_media([m.kind for m in request.media], self.model_path)
+        _only_images(request.media)
+        prefill = PrefillRequest(prompt=self.chat.render(request.messages), sampling=request.sampling,
+                                 stream=request.stream)
+        return prefill, list(request.media)
+
+
+def parse_descriptor(raw: str) -> dict[str, Any]:
+    try:
+        return EmbeddingDescriptor.from_json(raw).to_dict()
+    except ValueError as exc:
+        raise InvalidInput(f"embedding descriptor: {exc}") from exc
+
+
+def decode_request_for(request: PrefillRequest, result: PrefillResult) -> DecodeRequest:
+    return DecodeRequest(prompt=request.prompt, prefill=result, sampling=request.sampling, stream=request.stream)
+
+
 class Orchestrator:
     """Request → prompt → (encode if media) → prefill → decode. Text-only requests skip the encoder."""
 
     def __init__(self, settings: Settings, encode: EncodeCall, prefill: PrefillCall):
-        self.settings = settings
-        self.model_path = settings.model_path()
-        self.family = family_for(self.model_path)
-        self.chat = ChatFormatter(self.model_path)
+        self.planner = RequestPlanner(settings)
         self.encode, self.prefill = encode, prefill
-
-    def plan(self, request: GenerateRequest) -> tuple[str, list[MediaItem]]:
-        self.family.check_media([m.kind for m in request.media], self.model_path)
-        _only_images(request.media)
-        return self.chat.render(request.messages), list(request.media)
 
     async def run(self, request: GenerateRequest, decode: DecodeCall) -> None:
         """``decode`` streams the answer to this request's client."""
-        prompt, images = self.plan(request)
-        embeddings = [json_obj(d) for d in await self.encode(images)] if images else []
-        result = await self.prefill(PrefillRequest(prompt=prompt, embeddings=embeddings, sampling=request.sampling))
-        await decode(DecodeRequest(prompt=prompt, prefill=result, sampling=request.sampling,
-                                        stream=request.stream))
+        prefill_request, images = self.planner.plan(request)
+        if images:
+            prefill_request.embeddings = [parse_descriptor(d) for d in await self.encode(images)]
+        result = await self.prefill(prefill_request)
+        await decode(decode_request_for(prefill_request, result))
 
 
 def _only_images(items: Iterable[MediaItem]) -> None:
@@ -187,9 +206,3 @@ def _only_images(items: Iterable[MediaItem]) -> None:
         if item.kind != "image":
             raise InvalidInput(f"{item.where}: {item.kind} is not served by the disaggregated path yet; "
                                "use multimodal_agg")
-
-
-def json_obj(raw: str) -> dict[str, Any]:
-    import json
-
-    return json.loads(raw)

@@ -38,6 +38,8 @@ class PrefillRequest(BaseModel):
     # EmbeddingDescriptor JSON objects from the encoder, in prompt order.
     embeddings: list[dict[str, Any]] = Field(default_factory=list)
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    # Carried through to the decode request prefill hands on (the ensemble has no other way to pass it).
+    stream: bool = False
 
 
 class PrefillResult(BaseModel):

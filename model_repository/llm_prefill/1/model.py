@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from mmtriton import triton_io  # noqa: E402
-from mmtriton.disagg import PrefillService  # noqa: E402
-from mmtriton.protocol import input_string  # noqa: E402
+from mmtriton.disagg import PrefillService, decode_request_for, parse_descriptor  # noqa: E402
+from mmtriton.protocol import input_string, input_strings  # noqa: E402
 from mmtriton.stages import PrefillRequest, parse_stage  # noqa: E402
 
 
@@ -33,17 +33,25 @@ class TritonPythonModel:
         for request in requests:
             channel = triton_io.ResponseChannel(request, self.responses)
             try:
-                raw = input_string(triton_io.read_inputs(request, ["prefill_request"])["prefill_request"], "prefill")
-                self.service.engine.submit(self._serve(raw, channel))
+                inputs = triton_io.read_inputs(request, ["prefill_request", "embeddings"])
+                raw = input_string(inputs["prefill_request"], "prefill_request")
+                embeddings = input_strings(inputs["embeddings"], "embeddings")
+                self.service.engine.submit(self._serve(raw, embeddings, channel))
             except Exception as exc:
                 channel.fail(exc)
         return None
 
-    async def _serve(self, raw, channel):
+    async def _serve(self, raw, embeddings, channel):
         try:
-            result = await self.service.run(parse_stage(PrefillRequest, raw or "", "prefill_request"))
-            out = pb_utils.Tensor("prefill_result", np.array([result.model_dump_json().encode()], dtype=np.object_))
-            channel.send_final(pb_utils.InferenceResponse(output_tensors=[out]))
+            request = parse_stage(PrefillRequest, raw or "", "prefill_request")
+            request.embeddings += [parse_descriptor(e) for e in embeddings]
+            result = await self.service.run(request)
+            outputs = [
+                pb_utils.Tensor("prefill_result", np.array([result.model_dump_json().encode()], dtype=np.object_)),
+                pb_utils.Tensor("decode_request", np.array(
+                    [decode_request_for(request, result).model_dump_json().encode()], dtype=np.object_)),
+            ]
+            channel.send_final(pb_utils.InferenceResponse(output_tensors=outputs))
         except Exception as exc:
             if not isinstance(exc, ValueError):
                 pb_utils.Logger.log_error(f"llm_prefill: {traceback.format_exc()}")
