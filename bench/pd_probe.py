@@ -101,7 +101,8 @@ def main() -> int:
     tampered, _ = run_pd(tamper=True)
     print(f"tampered block ids change the tokens (so decode used the transferred KV): {tampered != want}")
     cpu = idle_cpu()
-    print(f"idle CPU % per engine process, 3 s measured after 3 s idle (progress thread {'on' if args.progress_thread else 'off'}):")
+    thread = "on" if args.progress_thread else "off"
+    print(f"idle CPU % per engine process, 3 s measured after 3 s idle (progress thread {thread}):")
     for pid, pct in cpu.items():
         print(f"  pid {pid}: {pct:.0f}%")
     print(f"  total: {sum(cpu.values()):.0f}%")
