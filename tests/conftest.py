@@ -6,10 +6,12 @@ import functools
 import http.server
 import io
 import os
+import re
 import socket
 import sys
 import threading
 import time
+import urllib.request
 import wave
 from pathlib import Path
 
@@ -55,6 +57,16 @@ def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
 def tone(seconds: float = 1.0, rate: int = 16000) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     return (0.4 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1234 * t)).astype(np.float32)
+
+
+def metric(server, name: str, item: str) -> float:
+    """A custom gauge from the server's :8002-style metrics endpoint, by its item label."""
+    c = server.config
+    with urllib.request.urlopen(f"http://{c.host}:{c.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(rf'^{name}\{{[^}}]*item="{item}"[^}}]*\}} (\S+)$', text, re.M)
+    assert m, f"{name}{{item={item}}} not exported"
+    return float(m.group(1))
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from client import InferenceFailed, RequestInputs, build_inputs, generate_http, stream_grpc
-from conftest import pattern_image, png_bytes
+from conftest import metric, pattern_image, png_bytes
 
 pytestmark = pytest.mark.integration
 MODEL = "multimodal_agg"
@@ -133,10 +133,13 @@ def test_sampling_parameters_are_applied(triton_server):
 
 def test_cancelled_stream_is_aborted_and_server_keeps_serving(triton_server):
     url = triton_server.config.grpc_url
+    cancelled_before = metric(triton_server, "mmtriton_engine", "cancelled")
     received = []
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result=None, error=None: received.append((result, error)))
-    inputs = build_inputs("Tell me a long story.", sampling={"max_tokens": 3500, "temperature": 0, "min_tokens": 3500})
+    # As long as the context allows, so the request is still running when the cancel arrives even when the
+    # 2 cores are busy and responses reach this client in bursts.
+    inputs = build_inputs("Tell me a long story.", sampling={"max_tokens": 4000, "temperature": 0, "min_tokens": 4000})
     tensors = []
     for name, arr in inputs.arrays().items():
         t = grpcclient.InferInput(name, list(arr.shape), "BOOL" if arr.dtype == bool else "BYTES")
@@ -144,21 +147,21 @@ def test_cancelled_stream_is_aborted_and_server_keeps_serving(triton_server):
         tensors.append(t)
     client.async_stream_infer(MODEL, tensors, request_id="cancel-me")
     deadline = time.monotonic() + 120
-    while len(received) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(received) >= 3, f"stream did not start: {received[:1]}"
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert received and received[0][1] is None, f"stream did not start: {received[:1]}"
     client.stop_stream(cancel_requests=True)
     client.close()
 
-    # The model notices within a step, aborts the vLLM request and says so in its log.
+    # The model notices within a step, aborts the vLLM request and counts it (and logs it).
     deadline = time.monotonic() + 60
-    while "aborted in vLLM" not in triton_server.log_tail(400) and time.monotonic() < deadline:
+    while metric(triton_server, "mmtriton_engine", "cancelled") == cancelled_before and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert "aborted in vLLM" in triton_server.log_tail(400)
+    assert metric(triton_server, "mmtriton_engine", "cancelled") == cancelled_before + 1
     t0 = time.monotonic()
     after = collect(stream_grpc(url, MODEL, build_inputs("Hello", sampling={"max_tokens": 8, "temperature": 0})))
     assert len(after["token_ids"]) == 8
-    # 3500 tokens would take far longer than this if the cancelled request were still running.
+    # 4000 tokens would take far longer than this if the cancelled request were still running.
     assert time.monotonic() - t0 < 30
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import time
 import urllib.request
 
 import pytest
 
 from client import InferenceFailed, RequestInputs, build_inputs, generate_http, stream_grpc
-from conftest import pattern_image, png_bytes
+from conftest import metric, pattern_image, png_bytes
 
 pytestmark = pytest.mark.integration
 PATHS = ("multimodal_agg", "multimodal_bls", "multimodal")
@@ -40,15 +39,6 @@ def offline(offline_vl, text: str, images: list, max_tokens: int = 24) -> list[i
         prompt["multi_modal_data"] = {"image": images}
     out = offline_vl.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False)
     return list(out[0].outputs[0].token_ids)
-
-
-def metric(server, name: str, item: str) -> float:
-    c = server.config
-    with urllib.request.urlopen(f"http://{c.host}:{c.metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    m = re.search(rf'^{name}\{{[^}}]*item="{item}"[^}}]*\}} (\S+)$', text, re.M)
-    assert m, f"{name}{{item={item}}} not exported"
-    return float(m.group(1))
 
 
 def all_paths_equal(server, offline_vl, text: str, urls: list[str], images: list) -> list[int]:
@@ -180,3 +170,23 @@ def test_media_failures_name_the_item_and_leak_nothing(triton_server, media_dir,
     ok, _ = tokens(triton_server, "multimodal_bls", RequestInputs(text_input="x", image_url=[good],
                                                                  sampling_parameters={"max_tokens": 3}, stream=True))
     assert len(ok) == 3
+
+
+def test_per_stage_metrics(triton_server):
+    """Every stage reports its time on the metrics port (count and summed seconds per stage)."""
+    c = triton_server.config
+    img = data_uri(pattern_image(100, 80, seed=9))
+    for model in ("multimodal_bls", "multimodal_agg"):
+        tokens(triton_server, model, RequestInputs(text_input="x", image_url=[img], sampling_parameters=GREEDY,
+                                                   stream=True))
+    with urllib.request.urlopen(f"http://{c.host}:{c.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for model, stage in [("encoder_image", "image_load"), ("encoder_image", "encode"),
+                         ("encoder_image", "embedding_put"), ("llm_prefill", "embedding_fetch"),
+                         ("llm_prefill", "first_token"), ("llm_decode", "first_token"), ("llm_decode", "decode"),
+                         ("multimodal_agg", "preprocess"), ("multimodal_agg", "first_token")]:
+        for family in ("mmtriton_stage_count", "mmtriton_stage_seconds"):
+            line = next((ln for ln in text.splitlines() if ln.startswith(family + "{")
+                         and f'model="{model}"' in ln and f'item="{stage}"' in ln), None)
+            assert line is not None, f"{family} {model}/{stage} missing"
+            assert float(line.rsplit(" ", 1)[1]) > 0, line

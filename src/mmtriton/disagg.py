@@ -26,6 +26,7 @@ from mmtriton.engine import (
 )
 from mmtriton.families import Family, checkpoint_config, family_for
 from mmtriton.media.loader import MediaLoader
+from mmtriton.metrics import StageTimes
 from mmtriton.protocol import GenerateRequest, InvalidInput, MediaItem
 from mmtriton.settings import Settings
 from mmtriton.stages import DecodeRequest, MediaLayout, PrefillRequest, PrefillResult, pipeline_secret, sign, verify
@@ -50,15 +51,19 @@ class ImageEncoderService:
         dtype = resolve_dtype(settings)
         self.encoder = image_encoder_for(settings.model_path(), getattr(torch, dtype, torch.float32))
         self.media = MediaLoader(settings)
+        self.times = StageTimes()
         self.sender = EmbeddingSender(
             agent_name or f"encoder_image-{os.getpid()}", settings.embedding_pool_mib * MiB,
             ack_timeout_s=settings.embedding_ack_timeout_s,
         )
 
     async def encode(self, items: list[MediaItem]) -> list[str]:
-        images = await asyncio.gather(*(self.media.load_image(item) for item in items))
-        encoded = await asyncio.to_thread(self.encoder.encode, list(images))
-        return [self.sender.put(e.embeddings, e.extra).to_json() for e in encoded]
+        with self.times.time("image_load"):
+            images = await asyncio.gather(*(self.media.load_image(item) for item in items))
+        with self.times.time("encode"):
+            encoded = await asyncio.to_thread(self.encoder.encode, list(images))
+        with self.times.time("embedding_put"):
+            return [self.sender.put(e.embeddings, e.extra).to_json() for e in encoded]
 
     def close(self) -> None:
         self.sender.close()
@@ -83,9 +88,10 @@ class PrefillService:
 
     async def run(self, request: PrefillRequest) -> PrefillResult:
         descriptors = [EmbeddingDescriptor.from_dict(d) for d in request.embeddings]
-        tensors = await asyncio.gather(*(
-            asyncio.to_thread(self.receiver.fetch, d, self.settings.stage_timeout_s) for d in descriptors
-        ))
+        with self.engine.times.time("embedding_fetch"):
+            tensors = await asyncio.gather(*(
+                asyncio.to_thread(self.receiver.fetch, d, self.settings.stage_timeout_s) for d in descriptors
+            ))
         layouts = [self._layout(d, t) for d, t in zip(descriptors, tensors, strict=True)]
         prompt: dict[str, Any] = {"prompt": request.prompt}
         if tensors:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmtriton.families import checkpoint_config
+from mmtriton.metrics import StageTimes
 from mmtriton.protocol import InvalidInput, SamplingOptions
 from mmtriton.settings import Settings
 
@@ -119,9 +120,12 @@ def to_vllm_sampling(options: SamplingOptions, **extra: Any):
 class VllmEngine:
     """Owns one AsyncLLM and the thread whose event loop runs it."""
 
-    def __init__(self, engine_args: dict[str, Any], env: dict[str, str] | None = None):
+    def __init__(self, engine_args: dict[str, Any], env: dict[str, str] | None = None,
+                 times: StageTimes | None = None):
         self.engine_args = engine_args
         self.env = env or {}
+        # "first_token" (request in → first output) and "decode" (per token after the first).
+        self.times = times or StageTimes()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.llm = None
         self._thread: threading.Thread | None = None
@@ -129,6 +133,10 @@ class VllmEngine:
         self._start_error: BaseException | None = None
         self._stop: asyncio.Event | None = None
         self._inflight: dict[str, concurrent.futures.Future] = {}
+        # Engine-death recovery: a watchdog on the loop replaces a dead AsyncLLM with a new one.
+        self.restarts = 0
+        self.restarting = False
+        self.watch_interval_s = 1.0
 
     # ---- life cycle -------------------------------------------------------------------------------------
     def start(self, timeout_s: float) -> None:
@@ -162,10 +170,39 @@ class VllmEngine:
             self._ready.set()
             return
         self._ready.set()
+        watchdog = asyncio.create_task(self._watch())
         await self._stop.wait()
+        watchdog.cancel()
         for fut in list(self._inflight.values()):
             fut.cancel()
         self.llm.shutdown()
+
+    async def _watch(self) -> None:
+        """Replace a dead engine (its process crashed or was killed): requests fail with EngineDead meanwhile."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        while True:
+            await asyncio.sleep(self.watch_interval_s)
+            if not self.llm.errored:
+                continue
+            self.restarting = True
+            log.error("vLLM engine for %s died; restarting it", self.engine_args.get("model"))
+            try:
+                self.llm.shutdown()
+            except Exception:  # it is dead already; what matters is the new one
+                log.exception("shutting down the dead engine failed")
+            t0 = time.monotonic()
+            try:
+                # Blocks this loop while the engine starts: requests queued meanwhile run on the new engine.
+                self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+                self.restarts += 1
+                log.warning("vLLM engine restarted in %.1f s (restart %d)", time.monotonic() - t0, self.restarts)
+            except Exception:
+                log.exception("restarting the vLLM engine failed; retrying")
+                continue
+            finally:
+                self.restarting = False
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         if self.loop is not None and self._stop is not None and not self.loop.is_closed():
@@ -175,7 +212,8 @@ class VllmEngine:
 
     @property
     def alive(self) -> bool:
-        return self.llm is not None and not self.llm.errored and self._thread is not None and self._thread.is_alive()
+        return (self.llm is not None and not self.llm.errored and not self.restarting
+                and self._thread is not None and self._thread.is_alive())
 
     # ---- requests ---------------------------------------------------------------------------------------
     def submit(self, coro: Awaitable[Any]) -> concurrent.futures.Future:
@@ -198,14 +236,19 @@ class VllmEngine:
         Returns the final chunk, or None when the client cancelled (the vLLM request is aborted then).
         """
         if not self.alive:
-            raise EngineDead("the vLLM engine is not running")
+            raise EngineDead("the vLLM engine is not running (restarting after a crash)")
         from vllm.v1.engine.exceptions import EngineDeadError
 
         text_parts: list[str] = []
         token_ids: list[int] = []
         num_input = 0
+        start = time.perf_counter()
+        first: float | None = None
         try:
             async for out in self.llm.generate(prompt, sampling_params, request_id):
+                if first is None:
+                    first = time.perf_counter()
+                    self.times.add("first_token", first - start)
                 if cancelled():
                     await self.llm.abort(request_id)
                     return None
@@ -226,6 +269,8 @@ class VllmEngine:
                 else:
                     text_parts.append(completion.text)
                 if out.finished:
+                    if len(token_ids) > 1:
+                        self.times.add("decode", time.perf_counter() - first, count=len(token_ids) - 1)
                     if not stream:
                         chunk.text, chunk.token_ids = "".join(text_parts), token_ids
                         emit(chunk)

@@ -74,9 +74,20 @@ def chunk_response(chunk: GenerationChunk):
     )
 
 
+# Triton 2.51 drops the error code of a response on its way back through a BLS call (it arrives as INTERNAL),
+# so client errors also say so in their text, and a BLS caller re-raises them as client errors.
+CLIENT_ERROR_PREFIX = "invalid input: "
+
+
+def client_error_message(message: str) -> str | None:
+    """The client-facing message if ``message`` is a client error from one of our models, else None."""
+    return message[len(CLIENT_ERROR_PREFIX):] if message.startswith(CLIENT_ERROR_PREFIX) else None
+
+
 def error_response(exc: BaseException):
     if isinstance(exc, InvalidInput):
         code = pb_utils.TritonError.INVALID_ARG
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(CLIENT_ERROR_PREFIX + str(exc), code))
     elif isinstance(exc, EngineDead):
         code = pb_utils.TritonError.UNAVAILABLE
     else:
@@ -110,6 +121,8 @@ class ResponseThread:
                     channel.sender.send(flags=flags)
                 else:
                     channel.sender.send(response, flags=flags)
+                if not flags & FINAL:
+                    channel.is_cancelled()  # throttled: at most one ask per CANCEL_POLL_S per request
             except Exception:
                 self.logger.log_error(f"sending a response failed: {traceback.format_exc()}")
                 channel.cancelled = True
@@ -171,12 +184,14 @@ class ResponseChannel:
             self.responses.put(self, None, FINAL)
 
     def is_cancelled(self) -> bool:
+        """Called from the engine loop and the response thread; either may be the first to notice."""
         if self.cancelled:
             return True
         now = time.monotonic()
         if now - self._last_poll >= self.CANCEL_POLL_S:
             self._last_poll = now
-            self.cancelled = self.sender.is_cancelled()
+            if self.sender.is_cancelled():
+                self.cancelled = True
         return self.cancelled
 
 
@@ -220,3 +235,11 @@ class GaugeExporter:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2)
+
+
+def stage_time_sources(times) -> dict[str, tuple[str, Callable[[], dict[str, float]]]]:
+    """GaugeExporter sources for a StageTimes (the same names and help in every model, as Triton requires)."""
+    return {
+        "mmtriton_stage_seconds": ("Seconds spent per pipeline stage, summed (item = stage)", times.sums),
+        "mmtriton_stage_count": ("Stage executions (tokens for decode) counted (item = stage)", times.counts),
+    }

@@ -34,6 +34,7 @@ class TritonPythonModel:
                                      self.service.media.stats),
             "mmtriton_embedding_pool": ("Embedding pool occupancy and transfer counters of the encoder",
                                         lambda: {**asdict(sender.occupancy()), **asdict(sender.stats())}),
+            **triton_io.stage_time_sources(self.service.times),
         })
         pb_utils.Logger.log_info(f"encoder_image: {type(self.service.encoder).__name__} ready")
 

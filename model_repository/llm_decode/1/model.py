@@ -26,6 +26,7 @@ class TritonPythonModel:
         self.service = DecodeService(self.settings)
         self.service.engine.start(self.settings.engine_start_timeout_s)
         self.responses = triton_io.ResponseThread(pb_utils.Logger)
+        self.metrics = triton_io.GaugeExporter("llm_decode", triton_io.stage_time_sources(self.service.engine.times))
         pb_utils.Logger.log_info("llm_decode: ready")
 
     def execute(self, requests):
@@ -51,5 +52,6 @@ class TritonPythonModel:
             channel.fail(exc)
 
     def finalize(self):
+        self.metrics.stop()
         self.service.engine.shutdown()
         self.responses.stop()

@@ -27,6 +27,7 @@ class TritonPythonModel:
         self.service = PrefillService(self.settings)
         self.service.engine.start(self.settings.engine_start_timeout_s)
         self.responses = triton_io.ResponseThread(pb_utils.Logger)
+        self.metrics = triton_io.GaugeExporter("llm_prefill", triton_io.stage_time_sources(self.service.engine.times))
         pb_utils.Logger.log_info("llm_prefill: ready")
 
     def execute(self, requests):
@@ -58,6 +59,7 @@ class TritonPythonModel:
             channel.fail(exc)
 
     def finalize(self):
+        self.metrics.stop()
         self.service.engine.shutdown()
         self.service.receiver.close()
         self.responses.stop()

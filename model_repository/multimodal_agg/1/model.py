@@ -46,6 +46,14 @@ class TritonPythonModel:
         )
         self.engine.start(self.settings.engine_start_timeout_s)
         self.responses = triton_io.ResponseThread(self.logger)
+        self.cancelled = 0
+        engine = self.engine
+        self.metrics = triton_io.GaugeExporter("multimodal_agg", {
+            "mmtriton_engine": ("vLLM engine state: alive (1/0), restarts after crashes, requests cancelled",
+                                lambda: {"alive": float(engine.alive), "restarts": engine.restarts,
+                                         "cancelled": self.cancelled}),
+            **triton_io.stage_time_sources(engine.times),
+        })
         self.logger.log_info("multimodal_agg: ready")
 
     def execute(self, requests):
@@ -61,7 +69,8 @@ class TritonPythonModel:
     async def _serve(self, inputs, channel):
         try:
             req = parse_request(inputs, self.settings)
-            engine_input = await self.pipeline.prepare(req)
+            with self.engine.times.time("preprocess"):
+                engine_input = await self.pipeline.prepare(req)
             request_id = uuid.uuid4().hex
             final = await self.engine.generate(
                 request_id=request_id,
@@ -72,6 +81,7 @@ class TritonPythonModel:
                 cancelled=channel.is_cancelled,
             )
             if final is None:
+                self.cancelled += 1
                 self.logger.log_info(f"multimodal_agg: request {request_id} cancelled by the client; aborted in vLLM")
                 channel.finish_cancelled()
         except Exception as exc:
@@ -85,5 +95,6 @@ class TritonPythonModel:
             self.engine.submit(self.pipeline.media.close()).result(timeout=5)
         except Exception as exc:  # shutting down anyway
             self.logger.log_warn(f"multimodal_agg: closing the media client failed: {exc}")
+        self.metrics.stop()
         self.engine.shutdown()
         self.responses.stop()

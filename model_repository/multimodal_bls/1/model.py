@@ -35,8 +35,9 @@ def _string_tensor(name, values):
 def _raise_for(response, stage):
     if response.has_error():
         error = response.error()
-        if error.code() == pb_utils.TritonError.INVALID_ARG:
-            raise InvalidInput(error.message())
+        client_error = triton_io.client_error_message(error.message())
+        if error.code() == pb_utils.TritonError.INVALID_ARG or client_error is not None:
+            raise InvalidInput(client_error or error.message())
         raise RuntimeError(f"{stage}: {error.message()}")
 
 

@@ -1,0 +1,165 @@
+"""multimodal (ensemble) vs multimodal_bls vs multimodal_agg vs vLLM's own OpenAI server, one run, one machine.
+
+1-image requests (24 greedy tokens, streamed) at each concurrency; prints TTFT, end-to-end latency and
+requests/s per path, and each as a ratio to the vLLM server measured in the same run. The vLLM server and
+tritonserver run one after the other (not together), so they do not share the 2 cores.
+
+    .venv/bin/python bench/pipeline_compare.py [--concurrency 1 8] [--requests 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from client import GrpcStreamClient, build_inputs  # noqa: E402
+from conftest import PIPELINE_MODELS, free_port, pattern_image, png_bytes  # noqa: E402
+from mmtriton.server import ServerConfig, TritonServer  # noqa: E402
+from mmtriton.tiny_models import ensure_tiny_models  # noqa: E402
+
+PROMPT = "Describe the image."
+MAX_TOKENS = 24
+WARMUP = 4
+
+
+def run_load(send, concurrency: int, requests: int) -> dict[str, float]:
+    """``send()`` → (ttft_s, e2e_s); ``requests`` spread over ``concurrency`` threads after a warm-up."""
+    for _ in range(WARMUP):
+        send()
+    results: list[tuple[float, float]] = []
+    lock = threading.Lock()
+    per_thread = max(1, requests // concurrency)
+
+    def worker():
+        for _ in range(per_thread):
+            r = send()
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    wall = time.perf_counter() - t0
+    return {
+        "ttft_ms": statistics.median(r[0] for r in results) * 1000,
+        "e2e_ms": statistics.median(r[1] for r in results) * 1000,
+        "rps": len(results) / wall,
+    }
+
+
+def bench_vllm_server(model: str, uri: str, levels: list[int], n: int) -> dict[int, dict[str, float]]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+           "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+           "--max-num-seqs", "16", "--limit-mm-per-prompt", json.dumps({"image": 8, "video": 8}), "--seed", "0"]
+    log = open(ROOT / "logs" / "bench-vllm-server.log", "wb")  # noqa: SIM115
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("vLLM server exited; see logs/bench-vllm-server.log") from None
+                time.sleep(1)
+        body = json.dumps({
+            "model": model, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                      {"type": "text", "text": PROMPT}]}],
+        }).encode()
+
+        def send():
+            start = time.perf_counter()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            first = None
+            with urllib.request.urlopen(req, timeout=300) as r:
+                for line in r:
+                    if line.startswith(b"data: ") and b'"content"' in line and first is None:
+                        first = time.perf_counter()
+            return (first or time.perf_counter()) - start, time.perf_counter() - start
+
+        return {c: run_load(send, c, n) for c in levels}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def bench_triton(model: str, uri: str, levels: list[int], n: int) -> dict[str, dict[int, dict[str, float]]]:
+    config = ServerConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          models=PIPELINE_MODELS, log_file=ROOT / "logs" / "bench-tritonserver.log",
+                          env={"MMT_MODEL": model, "MMT_PREFILL_KV_PORT": str(free_port()),
+                               "MMT_DECODE_KV_PORT": str(free_port())})
+    server = TritonServer(config)
+    server.start()
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    try:
+        print(f"tritonserver ready in {server.wait_ready(900):.0f} s", flush=True)
+        inputs = build_inputs(PROMPT, sampling={"max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS, "temperature": 0})
+        inputs.image_url = [uri]
+        local = threading.local()
+        for path in ("multimodal", "multimodal_bls", "multimodal_agg"):
+
+            def send(path=path):
+                if not hasattr(local, "clients"):
+                    local.clients = {}
+                client = local.clients.setdefault(path, GrpcStreamClient(config.grpc_url))
+                start = time.perf_counter()
+                first = None
+                for _r in client.generate(path, inputs):
+                    first = first or time.perf_counter()
+                return first - start, time.perf_counter() - start
+
+            out[path] = {c: run_load(send, c, n) for c in levels}
+            print(f"  measured {path}", flush=True)
+    finally:
+        server.stop()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--requests", type=int, default=24)
+    args = ap.parse_args()
+    (ROOT / "logs").mkdir(exist_ok=True)
+    model = str(ensure_tiny_models()["qwen2-vl"])
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes(pattern_image(100, 80, seed=1))).decode()
+    base = bench_vllm_server(model, uri, args.concurrency, args.requests)
+    print("vLLM OpenAI server measured", flush=True)
+    triton = bench_triton(model, uri, args.concurrency, args.requests)
+
+    print(f"\n1-image requests, {MAX_TOKENS} tokens streamed, tiny Qwen2-VL; ratio = path / vLLM server")
+    print(f"{'path':<18}{'conc':>5}{'TTFT ms':>10}{'e2e ms':>10}{'req/s':>8}{'TTFT x':>8}{'e2e x':>8}{'req/s x':>9}")
+    for c in args.concurrency:
+        b = base[c]
+        print(f"{'vLLM server':<18}{c:>5}{b['ttft_ms']:>10.1f}{b['e2e_ms']:>10.1f}{b['rps']:>8.1f}"
+              f"{1:>8.2f}{1:>8.2f}{1:>9.2f}")
+        for path, levels in triton.items():
+            r = levels[c]
+            print(f"{path:<18}{c:>5}{r['ttft_ms']:>10.1f}{r['e2e_ms']:>10.1f}{r['rps']:>8.1f}"
+                  f"{r['ttft_ms'] / b['ttft_ms']:>8.2f}{r['e2e_ms'] / b['e2e_ms']:>8.2f}{r['rps'] / b['rps']:>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
