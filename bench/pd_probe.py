@@ -38,6 +38,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--progress-thread", action="store_true", help="keep NIXL's progress thread (vLLM default)")
     ap.add_argument("--connector", default="QuietNixlConnector")
+    ap.add_argument("--bind", nargs=2, default=None, metavar=("PREFILL", "DECODE"),
+                    help="VLLM_CPU_OMP_THREADS_BIND per engine, e.g. 0 1 (default: vLLM's auto)")
     args = ap.parse_args()
     os.environ["MMT_NIXL_PROGRESS_THREAD"] = "1" if args.progress_thread else "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -56,6 +58,8 @@ def main() -> int:
 
     def engine(role: str, port: int) -> LLM:
         os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port)
+        if args.bind:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.bind[0 if role == "kv_producer" else 1]
         kv = KVTransferConfig(kv_connector=args.connector, kv_connector_module_path=module, kv_role=role,
                               kv_buffer_device="cpu")
         return LLM(model, dtype="float32", enforce_eager=True, max_model_len=4096, enable_mm_embeds=True,
@@ -93,6 +97,15 @@ def main() -> int:
         return list(d.outputs[0].token_ids), p.kv_transfer_params
 
     got, params = run_pd()
+    t0 = time.perf_counter()
+    whole_again = prefill.generate({"prompt": prompt_text, "multi_modal_data": mm},
+                                   SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)
+    t_whole = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run_pd()
+    t_pd = time.perf_counter() - t0
+    print(f"24 tokens: whole request on one engine {t_whole * 1000:.0f} ms; prefill → decode {t_pd * 1000:.0f} ms")
+    del whole_again
     n_prompt = len(whole.prompt_token_ids)
     print(f"prompt tokens {n_prompt} → {n_prompt // 128} full 128-token blocks")
     print(f"kv_transfer_params keys: {sorted(params)}; remote_block_ids: {params.get('remote_block_ids')}")

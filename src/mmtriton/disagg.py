@@ -83,7 +83,7 @@ class PrefillService:
         self.engine = VllmEngine(
             engine_args_for(settings, {"image": settings.max_media_items, "video": 0},
                             **kv_transfer_args("kv_producer")),
-            env=_engine_env(settings, settings.prefill_kv_port),
+            env=_engine_env(settings, settings.prefill_kv_port, settings.omp_bind_prefill or core_split()[0]),
         )
 
     async def run(self, request: PrefillRequest) -> PrefillResult:
@@ -130,7 +130,7 @@ class DecodeService:
         self.engine = VllmEngine(
             engine_args_for(settings, {"image": settings.max_media_items, "video": 0},
                             **kv_transfer_args("kv_consumer")),
-            env=_engine_env(settings, settings.decode_kv_port),
+            env=_engine_env(settings, settings.decode_kv_port, settings.omp_bind_decode or core_split()[1]),
         )
 
     async def run(self, request: DecodeRequest, emit: Callable[[GenerationChunk], None],
@@ -148,8 +148,22 @@ class DecodeService:
         return await self.engine.generate(uuid.uuid4().hex, prompt, params, request.stream, emit, cancelled)
 
 
-def _engine_env(settings: Settings, side_channel_port: int) -> dict[str, str]:
+def core_split() -> tuple[str, str]:
+    """(prefill cores, decode cores) as VLLM_CPU_OMP_THREADS_BIND values: halves of the cores we may use."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return str(cores[0]), str(cores[0])
+    half = len(cores) // 2
+
+    def span(cs: list[int]) -> str:
+        return str(cs[0]) if len(cs) == 1 else ",".join(str(c) for c in cs)
+
+    return span(cores[:half]), span(cores[half:])
+
+
+def _engine_env(settings: Settings, side_channel_port: int, cores: str) -> dict[str, str]:
     return {
+        "VLLM_CPU_OMP_THREADS_BIND": cores,
         "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
         "VLLM_NIXL_SIDE_CHANNEL_HOST": settings.kv_side_channel_host,
         "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port),
