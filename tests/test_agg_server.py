@@ -52,6 +52,43 @@ def collect(responses) -> dict:
     }
 
 
+def test_cancelled_stream_is_aborted_and_server_keeps_serving(triton_server):
+    # First in the session on purpose: run after the offline vLLM engine was created in this test process, the
+    # cancel was not observed by the server (twice in full runs; it passes alone, and a script holding an
+    # offline engine did see it). Root cause still open (see the issue notes).
+    url = triton_server.config.grpc_url
+    cancelled_before = metric(triton_server, "mmtriton_engine", "cancelled")
+    received = []
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result=None, error=None: received.append((result, error)))
+    # As long as the context allows, so the request is still running when the cancel arrives even when the
+    # 2 cores are busy and responses reach this client in bursts.
+    inputs = build_inputs("Tell me a long story.", sampling={"max_tokens": 4000, "temperature": 0, "min_tokens": 4000})
+    tensors = []
+    for name, arr in inputs.arrays().items():
+        t = grpcclient.InferInput(name, list(arr.shape), "BOOL" if arr.dtype == bool else "BYTES")
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+    client.async_stream_infer(MODEL, tensors, request_id="cancel-me")
+    deadline = time.monotonic() + 120
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert received and received[0][1] is None, f"stream did not start: {received[:1]}"
+    client.stop_stream(cancel_requests=True)
+    client.close()
+
+    # The model notices within a step, aborts the vLLM request and counts it (and logs it).
+    deadline = time.monotonic() + 60
+    while metric(triton_server, "mmtriton_engine", "cancelled") == cancelled_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(triton_server, "mmtriton_engine", "cancelled") == cancelled_before + 1
+    t0 = time.monotonic()
+    after = collect(stream_grpc(url, MODEL, build_inputs("Hello", sampling={"max_tokens": 8, "temperature": 0})))
+    assert len(after["token_ids"]) == 8
+    # 4000 tokens would take far longer than this if the cancelled request were still running.
+    assert time.monotonic() - t0 < 30
+
+
 def test_grpc_stream_text_equals_offline(triton_server, offline_vl):
     got = collect(stream_grpc(triton_server.config.grpc_url, MODEL, build_inputs("Hello there", sampling=GREEDY)))
     want, n_prompt = offline_tokens(offline_vl, user("Hello there"), [])
@@ -129,40 +166,6 @@ def test_sampling_parameters_are_applied(triton_server):
     ]
     assert sampled[0] == sampled[1], "same seed, same tokens"
     assert sampled[0] != sampled[2], "another seed, other tokens"
-
-
-def test_cancelled_stream_is_aborted_and_server_keeps_serving(triton_server):
-    url = triton_server.config.grpc_url
-    cancelled_before = metric(triton_server, "mmtriton_engine", "cancelled")
-    received = []
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result=None, error=None: received.append((result, error)))
-    # As long as the context allows, so the request is still running when the cancel arrives even when the
-    # 2 cores are busy and responses reach this client in bursts.
-    inputs = build_inputs("Tell me a long story.", sampling={"max_tokens": 4000, "temperature": 0, "min_tokens": 4000})
-    tensors = []
-    for name, arr in inputs.arrays().items():
-        t = grpcclient.InferInput(name, list(arr.shape), "BOOL" if arr.dtype == bool else "BYTES")
-        t.set_data_from_numpy(arr)
-        tensors.append(t)
-    client.async_stream_infer(MODEL, tensors, request_id="cancel-me")
-    deadline = time.monotonic() + 120
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert received and received[0][1] is None, f"stream did not start: {received[:1]}"
-    client.stop_stream(cancel_requests=True)
-    client.close()
-
-    # The model notices within a step, aborts the vLLM request and counts it (and logs it).
-    deadline = time.monotonic() + 60
-    while metric(triton_server, "mmtriton_engine", "cancelled") == cancelled_before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert metric(triton_server, "mmtriton_engine", "cancelled") == cancelled_before + 1
-    t0 = time.monotonic()
-    after = collect(stream_grpc(url, MODEL, build_inputs("Hello", sampling={"max_tokens": 8, "temperature": 0})))
-    assert len(after["token_ids"]) == 8
-    # 4000 tokens would take far longer than this if the cancelled request were still running.
-    assert time.monotonic() - t0 < 30
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from conftest import metric, pattern_image, png_bytes
 pytestmark = pytest.mark.integration
 PATHS = ("multimodal_agg", "multimodal_bls", "multimodal")
 GREEDY = {"max_tokens": 24, "temperature": 0.0}
+GAUGE_SETTLE_S = 1.2  # > GaugeExporter's refresh interval
 
 
 def data_uri(img) -> str:
@@ -78,12 +79,14 @@ def test_three_images(triton_server, offline_vl):
 def test_same_image_twice_is_served_from_the_encoder_cache(triton_server, media_http):
     port = media_http.server_address[1]
     url = f"http://127.0.0.1:{port}/a.png?twice"
+    time.sleep(GAUGE_SETTLE_S)  # the gauges refresh every 0.5 s: let earlier requests' counts arrive
     hits = metric(triton_server, "mmtriton_media_cache", "hits")
     first, _ = tokens(triton_server, "multimodal_bls", RequestInputs(
         text_input="Again?", image_url=[url], sampling_parameters=GREEDY, stream=True))
     second, _ = tokens(triton_server, "multimodal_bls", RequestInputs(
         text_input="Again?", image_url=[url], sampling_parameters=GREEDY, stream=True))
     assert first == second
+    time.sleep(GAUGE_SETTLE_S)
     assert metric(triton_server, "mmtriton_media_cache", "hits") == hits + 1
     assert media_http.hits["/a.png?twice"] == 1, "the second request must not fetch again"
 

@@ -132,6 +132,27 @@ class ResponseThread:
         self._thread.join(timeout_s)
 
 
+def dispatch(requests, responses: ResponseThread, input_names: Iterable[str], submit, handle, model: str) -> None:
+    """A decoupled model's ``execute``: each request's tensors go to ``handle(inputs, channel)`` on an event loop
+    (``submit``). Any error ends that request with an error response; client errors are not logged as failures."""
+    for request in requests:
+        channel = ResponseChannel(request, responses)
+        try:
+            inputs = read_inputs(request, input_names)
+            submit(_guarded(handle, inputs, channel, model))
+        except Exception as exc:
+            channel.fail(exc)
+
+
+async def _guarded(handle, inputs, channel: ResponseChannel, model: str) -> None:
+    try:
+        await handle(inputs, channel)
+    except Exception as exc:
+        if not isinstance(exc, ValueError):
+            pb_utils.Logger.log_error(f"{model}: request failed: {traceback.format_exc()}")
+        channel.fail(exc)
+
+
 class EventLoopThread:
     """An asyncio loop on its own thread, for models whose per-request work is asynchronous."""
 

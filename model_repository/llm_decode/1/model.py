@@ -5,7 +5,6 @@ import locale
 locale.setlocale(locale.LC_ALL, "C.UTF-8")  # the stub starts ASCII; vLLM/torch need UTF-8
 
 import sys  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 _SRC = Path(__file__).resolve().parents[3] / "src"
@@ -30,26 +29,17 @@ class TritonPythonModel:
         pb_utils.Logger.log_info("llm_decode: ready")
 
     def execute(self, requests):
-        for request in requests:
-            channel = triton_io.ResponseChannel(request, self.responses)
-            try:
-                raw = input_string(triton_io.read_inputs(request, ["decode_request"])["decode_request"], "decode")
-                self.service.engine.submit(self._serve(raw, channel))
-            except Exception as exc:
-                channel.fail(exc)
+        triton_io.dispatch(requests, self.responses, ["decode_request"], self.service.engine.submit, self._serve,
+                           "llm_decode")
         return None
 
-    async def _serve(self, raw, channel):
-        try:
-            request = parse_stage(DecodeRequest, raw or "", "decode_request")
-            final = await self.service.run(request, channel.emit, channel.is_cancelled)
-            if final is None:
-                pb_utils.Logger.log_info("llm_decode: request cancelled by the client; aborted in vLLM")
-                channel.finish_cancelled()
-        except Exception as exc:
-            if not isinstance(exc, ValueError):
-                pb_utils.Logger.log_error(f"llm_decode: {traceback.format_exc()}")
-            channel.fail(exc)
+    async def _serve(self, inputs, channel):
+        raw = input_string(inputs["decode_request"], "decode_request")
+        request = parse_stage(DecodeRequest, raw or "", "decode_request")
+        final = await self.service.run(request, channel.emit, channel.is_cancelled)
+        if final is None:
+            pb_utils.Logger.log_info("llm_decode: request cancelled by the client; aborted in vLLM")
+            channel.finish_cancelled()
 
     def finalize(self):
         self.metrics.stop()

@@ -5,7 +5,6 @@ import locale
 locale.setlocale(locale.LC_ALL, "C.UTF-8")  # the stub starts ASCII; vLLM/torch need UTF-8
 
 import sys  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 _SRC = Path(__file__).resolve().parents[3] / "src"
@@ -31,32 +30,21 @@ class TritonPythonModel:
         pb_utils.Logger.log_info("llm_prefill: ready")
 
     def execute(self, requests):
-        for request in requests:
-            channel = triton_io.ResponseChannel(request, self.responses)
-            try:
-                inputs = triton_io.read_inputs(request, ["prefill_request", "embeddings"])
-                raw = input_string(inputs["prefill_request"], "prefill_request")
-                embeddings = input_strings(inputs["embeddings"], "embeddings")
-                self.service.engine.submit(self._serve(raw, embeddings, channel))
-            except Exception as exc:
-                channel.fail(exc)
+        triton_io.dispatch(requests, self.responses, ["prefill_request", "embeddings"], self.service.engine.submit,
+                           self._serve, "llm_prefill")
         return None
 
-    async def _serve(self, raw, embeddings, channel):
-        try:
-            request = parse_stage(PrefillRequest, raw or "", "prefill_request")
-            request.embeddings += [parse_descriptor(e) for e in embeddings]
-            result = await self.service.run(request)
-            outputs = [
-                pb_utils.Tensor("prefill_result", np.array([result.model_dump_json().encode()], dtype=np.object_)),
-                pb_utils.Tensor("decode_request", np.array(
-                    [decode_request_for(request, result).model_dump_json().encode()], dtype=np.object_)),
-            ]
-            channel.send_final(pb_utils.InferenceResponse(output_tensors=outputs))
-        except Exception as exc:
-            if not isinstance(exc, ValueError):
-                pb_utils.Logger.log_error(f"llm_prefill: {traceback.format_exc()}")
-            channel.fail(exc)
+    async def _serve(self, inputs, channel):
+        raw = input_string(inputs["prefill_request"], "prefill_request")
+        request = parse_stage(PrefillRequest, raw or "", "prefill_request")
+        request.embeddings += [parse_descriptor(e) for e in input_strings(inputs["embeddings"], "embeddings")]
+        result = await self.service.run(request)
+        outputs = [
+            pb_utils.Tensor("prefill_result", np.array([result.model_dump_json().encode()], dtype=np.object_)),
+            pb_utils.Tensor("decode_request", np.array(
+                [decode_request_for(request, result).model_dump_json().encode()], dtype=np.object_)),
+        ]
+        channel.send_final(pb_utils.InferenceResponse(output_tensors=outputs))
 
     def finalize(self):
         self.metrics.stop()

@@ -9,7 +9,6 @@ import locale
 locale.setlocale(locale.LC_ALL, "C.UTF-8")
 
 import sys  # noqa: E402
-import traceback  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -57,37 +56,26 @@ class TritonPythonModel:
         self.logger.log_info("multimodal_agg: ready")
 
     def execute(self, requests):
-        for request in requests:
-            channel = triton_io.ResponseChannel(request, self.responses)
-            try:
-                inputs = triton_io.read_inputs(request, INPUT_NAMES)
-                self.engine.submit(self._serve(inputs, channel))
-            except Exception as exc:
-                channel.fail(exc)
+        triton_io.dispatch(requests, self.responses, INPUT_NAMES, self.engine.submit, self._serve, "multimodal_agg")
         return None
 
     async def _serve(self, inputs, channel):
-        try:
-            req = parse_request(inputs, self.settings)
-            with self.engine.times.time("preprocess"):
-                engine_input = await self.pipeline.prepare(req)
-            request_id = uuid.uuid4().hex
-            final = await self.engine.generate(
-                request_id=request_id,
-                prompt=engine_input.prompt,
-                sampling_params=to_vllm_sampling(req.sampling),
-                stream=req.stream,
-                emit=channel.emit,
-                cancelled=channel.is_cancelled,
-            )
-            if final is None:
-                self.cancelled += 1
-                self.logger.log_info(f"multimodal_agg: request {request_id} cancelled by the client; aborted in vLLM")
-                channel.finish_cancelled()
-        except Exception as exc:
-            if not isinstance(exc, ValueError):
-                self.logger.log_error(f"multimodal_agg: request failed: {traceback.format_exc()}")
-            channel.fail(exc)
+        req = parse_request(inputs, self.settings)
+        with self.engine.times.time("preprocess"):
+            engine_input = await self.pipeline.prepare(req)
+        request_id = uuid.uuid4().hex
+        final = await self.engine.generate(
+            request_id=request_id,
+            prompt=engine_input.prompt,
+            sampling_params=to_vllm_sampling(req.sampling),
+            stream=req.stream,
+            emit=channel.emit,
+            cancelled=channel.is_cancelled,
+        )
+        if final is None:
+            self.cancelled += 1
+            self.logger.log_info(f"multimodal_agg: request {request_id} cancelled by the client; aborted in vLLM")
+            channel.finish_cancelled()
 
     def finalize(self):
         self.logger.log_info("multimodal_agg: shutting down")

@@ -10,7 +10,6 @@ locale.setlocale(locale.LC_ALL, "C.UTF-8")  # the stub starts ASCII; transformer
 
 import asyncio  # noqa: E402
 import sys  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 _SRC = Path(__file__).resolve().parents[3] / "src"
@@ -54,25 +53,14 @@ class TritonPythonModel:
         self.orchestrator = Orchestrator(self.settings, self._encode, self._prefill)
 
     def execute(self, requests):
-        for request in requests:
-            channel = triton_io.ResponseChannel(request, self.responses)
-            try:
-                inputs = triton_io.read_inputs(request, INPUT_NAMES)
-                self.loop.submit(self._serve(inputs, channel))
-            except Exception as exc:
-                channel.fail(exc)
+        triton_io.dispatch(requests, self.responses, INPUT_NAMES, self.loop.submit, self._serve, "multimodal_bls")
         return None
 
     async def _serve(self, inputs, channel):
-        try:
-            await self.orchestrator.run(
-                parse_request(inputs, self.settings),
-                decode=lambda decode_request: asyncio.to_thread(self._decode, decode_request, channel),
-            )
-        except Exception as exc:
-            if not isinstance(exc, ValueError):
-                pb_utils.Logger.log_error(f"multimodal_bls: {traceback.format_exc()}")
-            channel.fail(exc)
+        await self.orchestrator.run(
+            parse_request(inputs, self.settings),
+            decode=lambda decode_request: asyncio.to_thread(self._decode, decode_request, channel),
+        )
 
     async def _encode(self, items):
         request = pb_utils.InferenceRequest(
