@@ -30,10 +30,6 @@ class EngineDead(RuntimeError):
     """The vLLM engine died; every request fails until the model is restarted."""
 
 
-class RequestCancelled(Exception):
-    pass
-
-
 @dataclass
 class GenerationChunk:
     """One response's worth of output (a step when streaming; everything otherwise)."""
@@ -132,7 +128,6 @@ class VllmEngine:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._stop: asyncio.Event | None = None
-        self._inflight: dict[str, concurrent.futures.Future] = {}
         # Engine-death recovery: a watchdog on the loop replaces a dead AsyncLLM with a new one.
         self.restarts = 0
         self.restarting = False
@@ -173,8 +168,6 @@ class VllmEngine:
         watchdog = asyncio.create_task(self._watch())
         await self._stop.wait()
         watchdog.cancel()
-        for fut in list(self._inflight.values()):
-            fut.cancel()
         self.llm.shutdown()
 
     async def _watch(self) -> None:

@@ -21,7 +21,6 @@ from mmtriton.settings import Settings
 @dataclass
 class EngineInput:
     prompt: dict[str, Any]  # vLLM prompt: {"prompt": str, "multi_modal_data": {...}}
-    media_counts: dict[str, int]
 
 
 class AggregatedPipeline:
@@ -52,4 +51,4 @@ class AggregatedPipeline:
             mm.setdefault(item.kind, []).append(value)
         if mm:
             prompt["multi_modal_data"] = mm
-        return EngineInput(prompt=prompt, media_counts={k: len(v) for k, v in mm.items()})
+        return EngineInput(prompt=prompt)
