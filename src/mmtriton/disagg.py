@@ -80,11 +80,7 @@ class PrefillService:
         self.hidden_size = text_hidden_size(self.model_path)
         self.key = pipeline_secret()
         self.receiver = EmbeddingReceiver(f"llm_prefill-{os.getpid()}", settings.embedding_pool_mib * MiB)
-        self.engine = VllmEngine(
-            engine_args_for(settings, {"image": settings.max_media_items, "video": 0},
-                            **kv_transfer_args("kv_producer")),
-            env=_engine_env(settings, settings.prefill_kv_port, settings.omp_bind_prefill or core_split()[0]),
-        )
+        self.engine = kv_engine(settings, "kv_producer")
 
     async def run(self, request: PrefillRequest) -> PrefillResult:
         descriptors = [EmbeddingDescriptor.from_dict(d) for d in request.embeddings]
@@ -127,11 +123,7 @@ class DecodeService:
         self.settings = settings
         self.family = family_for(settings.model_path())
         self.key = pipeline_secret()
-        self.engine = VllmEngine(
-            engine_args_for(settings, {"image": settings.max_media_items, "video": 0},
-                            **kv_transfer_args("kv_consumer")),
-            env=_engine_env(settings, settings.decode_kv_port, settings.omp_bind_decode or core_split()[1]),
-        )
+        self.engine = kv_engine(settings, "kv_consumer")
 
     async def run(self, request: DecodeRequest, emit: Callable[[GenerationChunk], None],
                   cancelled: Callable[[], bool]) -> GenerationChunk | None:
@@ -154,22 +146,24 @@ def core_split() -> tuple[str, str]:
     if len(cores) < 2:
         return str(cores[0]), str(cores[0])
     half = len(cores) // 2
-
-    def span(cs: list[int]) -> str:
-        return str(cs[0]) if len(cs) == 1 else ",".join(str(c) for c in cs)
-
-    return span(cores[:half]), span(cores[half:])
+    return ",".join(map(str, cores[:half])), ",".join(map(str, cores[half:]))
 
 
-def _engine_env(settings: Settings, side_channel_port: int, cores: str) -> dict[str, str]:
-    return {
+def kv_engine(settings: Settings, role: str) -> VllmEngine:
+    """The prefill ("kv_producer") or decode ("kv_consumer") engine: embeddings only, NixlConnector, own cores."""
+    producer = role == "kv_producer"
+    prefill_cores, decode_cores = core_split()
+    cores = (settings.omp_bind_prefill or prefill_cores) if producer else (settings.omp_bind_decode or decode_cores)
+    env = {
         "VLLM_CPU_OMP_THREADS_BIND": cores,
         "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
         "VLLM_NIXL_SIDE_CHANNEL_HOST": settings.kv_side_channel_host,
-        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port),
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(settings.prefill_kv_port if producer else settings.decode_kv_port),
         # UCX listens on every interface unless told otherwise: loopback unless the user chose.
         "UCX_NET_DEVICES": os.environ.get("UCX_NET_DEVICES", "lo"),
     }
+    args = engine_args_for(settings, {"image": settings.max_media_items, "video": 0}, **kv_transfer_args(role))
+    return VllmEngine(args, env=env)
 
 
 # ---- orchestration (BLS) ---------------------------------------------------------------------------------
