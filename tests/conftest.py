@@ -59,14 +59,15 @@ def tone(seconds: float = 1.0, rate: int = 16000) -> np.ndarray:
     return (0.4 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1234 * t)).astype(np.float32)
 
 
-def metric(server, name: str, item: str) -> float:
-    """A custom gauge from the server's :8002-style metrics endpoint, by its item label."""
+def metric(server, name: str, item: str, model: str) -> float:
+    """A custom gauge from the server's :8002-style metrics endpoint, by its model and item labels."""
     c = server.config
     with urllib.request.urlopen(f"http://{c.host}:{c.metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    m = re.search(rf'^{name}\{{[^}}]*item="{item}"[^}}]*\}} (\S+)$', text, re.M)
-    assert m, f"{name}{{item={item}}} not exported"
-    return float(m.group(1))
+    for labels, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        if f'item="{item}"' in labels and f'model="{model}"' in labels:
+            return float(value)
+    raise AssertionError(f"{name}{{model={model}, item={item}}} not exported")
 
 
 def free_port() -> int:
@@ -175,3 +176,20 @@ def offline_audio(tiny_models):
     llm = _offline_llm(tiny_models["qwen2-audio"], {"audio": 8})
     yield llm
     llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def openai_server(triton_server):
+    """The OpenAI-compatible server (its own process) in front of the session's tritonserver."""
+    from mmtriton.openai_server import OpenAIServerConfig, OpenAIServerProcess
+
+    server = OpenAIServerProcess(
+        OpenAIServerConfig(triton_url=triton_server.config.grpc_url, port=free_port()),
+        log_file=ROOT / "logs" / "test-openai-server.log",
+    )
+    server.start()
+    try:
+        server.wait_ready(timeout_s=120)
+        yield server
+    finally:
+        server.stop()

@@ -28,7 +28,7 @@ def test_killed_engine_is_restarted_and_serves_the_same_tokens(triton_server):
     url = triton_server.config.grpc_url
     inputs = build_inputs("Hello there", sampling={"max_tokens": 8, "temperature": 0})
     before = [t for r in stream_grpc(url, "multimodal_agg", inputs) for t in r["token_ids"]]
-    restarts = metric(triton_server, "mmtriton_engine", "restarts")
+    restarts = metric(triton_server, "mmtriton_engine", "restarts", "multimodal_agg")
 
     engine_core_of(triton_server, "multimodal_agg").kill()
     deadline = time.monotonic() + 300
@@ -36,13 +36,13 @@ def test_killed_engine_is_restarted_and_serves_the_same_tokens(triton_server):
     while time.monotonic() < deadline:
         try:
             after = [t for r in stream_grpc(url, "multimodal_agg", inputs, timeout_s=120) for t in r["token_ids"]]
-            if metric(triton_server, "mmtriton_engine", "restarts") > restarts:
+            if metric(triton_server, "mmtriton_engine", "restarts", "multimodal_agg") > restarts:
                 break
         except InferenceFailed as exc:
             errors.append(str(exc))
         time.sleep(1)
-    assert metric(triton_server, "mmtriton_engine", "restarts") == restarts + 1
-    assert metric(triton_server, "mmtriton_engine", "alive") == 1
+    assert metric(triton_server, "mmtriton_engine", "restarts", "multimodal_agg") == restarts + 1
+    assert metric(triton_server, "mmtriton_engine", "alive", "multimodal_agg") == 1
     assert after == before
     # While it was down, requests failed with a clear message instead of hanging.
     assert all("engine" in e for e in errors), errors[:3]

@@ -89,7 +89,8 @@ def kv_transfer_args(role: str) -> dict[str, Any]:
             kv_role=role,
             kv_buffer_device="cpu",
         ),
-        # Embeddings only: the encoders send them; prefill and decode never see pixels.
+        # Embeddings only: the encoders send them; prefill and decode never see pixels (and, with media limits
+        # of 0, build no vision tower: disagg.embeddings_only_limits).
         enable_mm_embeds=True,
     )
 
@@ -106,11 +107,23 @@ def to_vllm_sampling(options: SamplingOptions, **extra: Any):
         top_k=options.top_k if options.top_k > 0 else 0,
         seed=options.seed,
         stop=options.stop or None,
+        ignore_eos=options.ignore_eos,
         # Always deltas: streaming sends them as they are, non-streaming accumulates them, and either way
         # every engine step reaches us, so a cancelled client is noticed within a step.
         output_kind=RequestOutputKind.DELTA,
         **extra,
     )
+
+
+CANCEL_POLL_S = 0.1
+
+
+async def _cancel_when(cancelled: Callable[[], bool], task: asyncio.Task) -> bool:
+    """Cancels ``task`` once ``cancelled()`` says the client has gone; True then."""
+    while not cancelled():
+        await asyncio.sleep(CANCEL_POLL_S)
+    task.cancel()
+    return True
 
 
 class VllmEngine:
@@ -177,7 +190,7 @@ class VllmEngine:
 
         while True:
             await asyncio.sleep(self.watch_interval_s)
-            if not self.llm.errored:
+            if not self.llm.errored or self._stop.is_set():  # alive, or going away anyway
                 continue
             self.restarting = True
             log.error("vLLM engine for %s died; restarting it", self.engine_args.get("model"))
@@ -237,6 +250,9 @@ class VllmEngine:
         num_input = 0
         start = time.perf_counter()
         first: float | None = None
+        # Asked between outputs too: a client that leaves during a long prefill (or while the engine is slow)
+        # is noticed without waiting for the next token.
+        watcher = asyncio.ensure_future(_cancel_when(cancelled, asyncio.current_task()))
         try:
             async for out in self.llm.generate(prompt, sampling_params, request_id):
                 if first is None:
@@ -275,5 +291,10 @@ class VllmEngine:
             raise InvalidInput(str(exc)) from exc
         except asyncio.CancelledError:
             await self.llm.abort(request_id)
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                asyncio.current_task().uncancel()  # our own cancel, for the client: handled here
+                return None
             raise
+        finally:
+            watcher.cancel()
         raise EngineDead("the vLLM engine ended the request without a final output")

@@ -21,6 +21,23 @@ class InvalidInput(ValueError):
     """A client error: answered as INVALID_ARG (HTTP 400) with this message; the server keeps serving."""
 
 
+# Triton 2.51 drops a response's error code on its way back through a BLS call (it arrives as INTERNAL), and a
+# gRPC stream carries only the text, so the class of our errors also travels in their text: callers (BLS, the
+# OpenAI server) recover it with error_class().
+CLIENT_ERROR_PREFIX = "invalid input: "
+UNAVAILABLE_PREFIX = "unavailable: "
+
+
+def error_class(message: str) -> tuple[str, str]:
+    """("invalid_input" | "unavailable" | "internal", the message without its prefix). The prefix may follow
+    text that Triton puts in front (an ensemble names its step)."""
+    for kind, prefix in (("invalid_input", CLIENT_ERROR_PREFIX), ("unavailable", UNAVAILABLE_PREFIX)):
+        at = message.find(prefix)
+        if at >= 0:
+            return kind, message[at + len(prefix):]
+    return "internal", message
+
+
 # Inputs of multimodal, multimodal_bls and multimodal_agg.
 INPUTS: list[dict[str, Any]] = [
     {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
@@ -54,6 +71,8 @@ class SamplingOptions(BaseModel):
     top_k: int = Field(default=0, ge=-1)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    # Generate max_tokens whatever the model says (benchmarks want fixed output lengths).
+    ignore_eos: bool = False
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmtriton.engine import EngineDead, GenerationChunk
-from mmtriton.protocol import InvalidInput
+from mmtriton.protocol import CLIENT_ERROR_PREFIX, UNAVAILABLE_PREFIX, InvalidInput
 from mmtriton.settings import Settings
 
 
@@ -74,25 +74,15 @@ def chunk_response(chunk: GenerationChunk):
     )
 
 
-# Triton 2.51 drops the error code of a response on its way back through a BLS call (it arrives as INTERNAL),
-# so client errors also say so in their text, and a BLS caller re-raises them as client errors.
-CLIENT_ERROR_PREFIX = "invalid input: "
-
-
-def client_error_message(message: str) -> str | None:
-    """The client-facing message if ``message`` is a client error from one of our models, else None."""
-    return message[len(CLIENT_ERROR_PREFIX):] if message.startswith(CLIENT_ERROR_PREFIX) else None
-
-
 def error_response(exc: BaseException):
+    """The error's class goes into its text too (protocol.error_class): Triton 2.51 loses the code on the way."""
     if isinstance(exc, InvalidInput):
-        code = pb_utils.TritonError.INVALID_ARG
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(CLIENT_ERROR_PREFIX + str(exc), code))
+        code, message = pb_utils.TritonError.INVALID_ARG, CLIENT_ERROR_PREFIX + str(exc)
     elif isinstance(exc, EngineDead):
-        code = pb_utils.TritonError.UNAVAILABLE
+        code, message = pb_utils.TritonError.UNAVAILABLE, UNAVAILABLE_PREFIX + str(exc)
     else:
-        code = pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
+        code, message = pb_utils.TritonError.INTERNAL, str(exc)
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -182,6 +172,7 @@ class ResponseChannel:
         self.cancelled = False
         self.closed = False
         self._last_poll = 0.0
+        self._poll_lock = threading.Lock()
 
     def emit(self, chunk: GenerationChunk) -> None:
         self.closed = self.closed or chunk.finished
@@ -205,14 +196,16 @@ class ResponseChannel:
             self.responses.put(self, None, FINAL)
 
     def is_cancelled(self) -> bool:
-        """Called from the engine loop and the response thread; either may be the first to notice."""
+        """Called from the engine loop and the response thread; either may be the first to notice. One ask at
+        a time: the stub's round trip for it is not made for two threads at once."""
         if self.cancelled:
             return True
-        now = time.monotonic()
-        if now - self._last_poll >= self.CANCEL_POLL_S:
-            self._last_poll = now
-            if self.sender.is_cancelled():
-                self.cancelled = True
+        with self._poll_lock:
+            now = time.monotonic()
+            if now - self._last_poll >= self.CANCEL_POLL_S:
+                self._last_poll = now
+                if self.sender.is_cancelled():
+                    self.cancelled = True
         return self.cancelled
 
 

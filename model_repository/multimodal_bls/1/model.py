@@ -21,23 +21,27 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from mmtriton import triton_io  # noqa: E402
 from mmtriton.disagg import Orchestrator  # noqa: E402
-from mmtriton.protocol import INPUTS, OUTPUTS, InvalidInput, parse_request  # noqa: E402
+from mmtriton.engine import EngineDead  # noqa: E402
+from mmtriton.protocol import INPUTS, OUTPUTS, InvalidInput, error_class, parse_request  # noqa: E402
 from mmtriton.stages import PrefillResult, parse_stage  # noqa: E402
 
 INPUT_NAMES = [i["name"] for i in INPUTS]
 
 
-def _string_tensor(name, values):
-    return pb_utils.Tensor(name, np.array([v.encode() for v in values], dtype=np.object_))
+def _string_tensor(name, values, batched=False):
+    array = np.array([v.encode() for v in values], dtype=np.object_)
+    return pb_utils.Tensor(name, array.reshape(1, -1) if batched else array)
 
 
 def _raise_for(response, stage):
     if response.has_error():
         error = response.error()
-        client_error = triton_io.client_error_message(error.message())
-        if error.code() == pb_utils.TritonError.INVALID_ARG or client_error is not None:
-            raise InvalidInput(client_error or error.message())
-        raise RuntimeError(f"{stage}: {error.message()}")
+        kind, message = error_class(error.message())
+        if kind == "invalid_input" or error.code() == pb_utils.TritonError.INVALID_ARG:
+            raise InvalidInput(message)
+        if kind == "unavailable":
+            raise EngineDead(f"{stage}: {message}")
+        raise RuntimeError(f"{stage}: {message}")
 
 
 class TritonPythonModel:
@@ -64,14 +68,15 @@ class TritonPythonModel:
 
     async def _encode(self, items):
         request = pb_utils.InferenceRequest(
-            model_name="encoder_image", inputs=[_string_tensor("image_url", [i.url for i in items])],
+            model_name="encoder_image",
+            # [1, images]: encoder_image batches requests.
+            inputs=[_string_tensor("image_url", [i.url for i in items], batched=True),
+                    _string_tensor("image_label", [i.where for i in items], batched=True)],
             requested_output_names=["embeddings"], timeout=self.timeout_us,
         )
         response = await request.async_exec()
         _raise_for(response, "encoder_image")
         raw = pb_utils.get_output_tensor_by_name(response, "embeddings").as_numpy().reshape(-1)
-        # The encoder names items image_url[i] in its errors; the mapping back to the client's own names
-        # (messages[...]) is by position.
         return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
 
     async def _prefill(self, prefill_request):
