@@ -80,14 +80,14 @@ def test_same_image_twice_is_served_from_the_encoder_cache(triton_server, media_
     port = media_http.server_address[1]
     url = f"http://127.0.0.1:{port}/a.png?twice"
     time.sleep(GAUGE_SETTLE_S)  # the gauges refresh every 0.5 s: let earlier requests' counts arrive
-    hits = metric(triton_server, "mmtriton_media_cache", "hits")
+    hits = metric(triton_server, "mmtriton_media_cache", "hits", "encoder_image")
     first, _ = tokens(triton_server, "multimodal_bls", RequestInputs(
         text_input="Again?", image_url=[url], sampling_parameters=GREEDY, stream=True))
     second, _ = tokens(triton_server, "multimodal_bls", RequestInputs(
         text_input="Again?", image_url=[url], sampling_parameters=GREEDY, stream=True))
     assert first == second
     time.sleep(GAUGE_SETTLE_S)
-    assert metric(triton_server, "mmtriton_media_cache", "hits") == hits + 1
+    assert metric(triton_server, "mmtriton_media_cache", "hits", "encoder_image") == hits + 1
     assert media_http.hits["/a.png?twice"] == 1, "the second request must not fetch again"
 
 
@@ -166,10 +166,11 @@ def test_media_failures_name_the_item_and_leak_nothing(triton_server, media_dir,
         tokens(triton_server, "multimodal_bls", RequestInputs(text_input="x", image_url=[good] * 9, stream=True))
     # Every region the encoder handed out was acknowledged by prefill or released: the pool is empty again.
     deadline = time.monotonic() + 30
-    while metric(triton_server, "mmtriton_embedding_pool", "bytes_in_use") != 0 and time.monotonic() < deadline:
+    while (metric(triton_server, "mmtriton_embedding_pool", "bytes_in_use", "encoder_image") != 0
+           and time.monotonic() < deadline):
         time.sleep(0.5)
-    assert metric(triton_server, "mmtriton_embedding_pool", "bytes_in_use") == 0
-    assert metric(triton_server, "mmtriton_embedding_pool", "expired") == 0
+    assert metric(triton_server, "mmtriton_embedding_pool", "bytes_in_use", "encoder_image") == 0
+    assert metric(triton_server, "mmtriton_embedding_pool", "expired", "encoder_image") == 0
     ok, _ = tokens(triton_server, "multimodal_bls", RequestInputs(text_input="x", image_url=[good],
                                                                  sampling_parameters={"max_tokens": 3}, stream=True))
     assert len(ok) == 3
@@ -193,3 +194,31 @@ def test_per_stage_metrics(triton_server):
                          and f'model="{model}"' in ln and f'item="{stage}"' in ln), None)
             assert line is not None, f"{family} {model}/{stage} missing"
             assert float(line.rsplit(" ", 1)[1]) > 0, line
+
+
+def test_encoder_batches_concurrent_requests(triton_server, offline_vl):
+    """Requests that reach encoder_image together go through the tower in one pass (Triton dynamic batching),
+    and every request still gets its own image's tokens."""
+    import threading
+
+    imgs = [pattern_image(80 + 9 * i, 60 + 5 * i, seed=30 + i) for i in range(8)]
+    want = [offline(offline_vl, "What is this?", [img]) for img in imgs]
+    got: list[list[int] | None] = [None] * len(imgs)
+    start = threading.Barrier(len(imgs))
+
+    def one(i: int) -> None:
+        inputs = build_inputs("What is this?", sampling=GREEDY)
+        inputs.image_url = [data_uri(imgs[i])]
+        start.wait(timeout=60)
+        got[i] = tokens(triton_server, "multimodal", inputs)[0]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(imgs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert got == want
+    time.sleep(GAUGE_SETTLE_S)
+    assert metric(triton_server, "mmtriton_encoder_batching", "max_requests", "encoder_image") >= 2
+    assert (metric(triton_server, "mmtriton_encoder_batching", "requests", "encoder_image")
+            > metric(triton_server, "mmtriton_encoder_batching", "batches", "encoder_image"))

@@ -64,3 +64,15 @@ def test_auto_dtype_is_the_checkpoints(tmp_path):
     assert resolve_dtype(Settings(model=str(a), dtype="bfloat16")) == "bfloat16"
     args = engine_args_for(Settings(model=str(a)), {"image": 2})
     assert args["dtype"] == "float32" and args["limit_mm_per_prompt"] == {"image": 2}
+
+
+def test_prefill_and_decode_engines_take_embeddings_only(tmp_path):
+    """Limits of 0 for every media kind + enable_mm_embeds: vLLM builds no vision tower, takes embeddings."""
+    from mmtriton.disagg import embeddings_only_limits, kv_engine
+
+    vl = write_config(tmp_path, model_type="qwen2_vl", text_config={"dtype": "float32"})
+    for role in ("kv_producer", "kv_consumer"):
+        args = kv_engine(Settings(model=str(vl)), role).engine_args
+        assert args["limit_mm_per_prompt"] == {"image": 0, "video": 0}
+        assert args["enable_mm_embeds"] is True
+    assert embeddings_only_limits(TEXT_ONLY) == {}

@@ -52,18 +52,45 @@ class ImageEncoderService:
         self.encoder = image_encoder_for(settings.model_path(), getattr(torch, dtype, torch.float32))
         self.media = MediaLoader(settings)
         self.times = StageTimes()
+        # Forward passes, the requests they served, and the most requests one pass served (a gauge).
+        self.batching = {"batches": 0, "requests": 0, "max_requests": 0}
         self.sender = EmbeddingSender(
             agent_name or f"encoder_image-{os.getpid()}", settings.embedding_pool_mib * MiB,
             ack_timeout_s=settings.embedding_ack_timeout_s,
         )
 
     async def encode(self, items: list[MediaItem]) -> list[str]:
+        (result,) = await self.encode_batch([items])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def encode_batch(self, requests: list[list[MediaItem]]) -> list[list[str] | BaseException]:
+        """Several requests' images (Triton's dynamic batch) through the tower in one forward pass. A request
+        whose image fails to load gets its error; the others go on."""
+        self.batching["batches"] += 1
+        self.batching["requests"] += len(requests)
+        self.batching["max_requests"] = max(self.batching["max_requests"], len(requests))
         with self.times.time("image_load"):
-            images = await asyncio.gather(*(self.media.load_image(item) for item in items))
+            loaded = await asyncio.gather(
+                *(asyncio.gather(*(self.media.load_image(item) for item in items)) for items in requests),
+                return_exceptions=True,
+            )
+        images = [image for batch in loaded if not isinstance(batch, BaseException) for image in batch]
         with self.times.time("encode"):
-            encoded = await asyncio.to_thread(self.encoder.encode, list(images))
+            encoded = iter(await asyncio.to_thread(self.encoder.encode, images))
+        results: list[list[str] | BaseException] = []
         with self.times.time("embedding_put"):
-            return [self.sender.put(e.embeddings, e.extra).to_json() for e in encoded]
+            for batch in loaded:
+                if isinstance(batch, BaseException):
+                    results.append(batch)
+                    continue
+                mine = [next(encoded) for _ in batch]
+                try:
+                    results.append([self.sender.put(e.embeddings, e.extra).to_json() for e in mine])
+                except Exception as exc:  # noqa: BLE001 - e.g. a full pool: this request's error only
+                    results.append(exc)
+        return results
 
     def close(self) -> None:
         self.sender.close()
@@ -83,6 +110,9 @@ class PrefillService:
         self.engine = kv_engine(settings, "kv_producer")
 
     async def run(self, request: PrefillRequest) -> PrefillResult:
+        if len(request.embeddings) > self.settings.max_media_items:
+            # vLLM does not count embeddings for a kind whose limit is 0 (embeddings_only_limits): we do.
+            raise InvalidInput(f"too many embeddings: {len(request.embeddings)} > {self.settings.max_media_items}")
         descriptors = [EmbeddingDescriptor.from_dict(d) for d in request.embeddings]
         with self.engine.times.time("embedding_fetch"):
             tensors = await asyncio.gather(*(
@@ -162,8 +192,19 @@ def kv_engine(settings: Settings, role: str) -> VllmEngine:
         # UCX listens on every interface unless told otherwise: loopback unless the user chose.
         "UCX_NET_DEVICES": os.environ.get("UCX_NET_DEVICES", "lo"),
     }
-    args = engine_args_for(settings, {"image": settings.max_media_items, "video": 0}, **kv_transfer_args(role))
+    args = engine_args_for(settings, embeddings_only_limits(family_for(settings.model_path())),
+                           **kv_transfer_args(role))
     return VllmEngine(args, env=env)
+
+
+def embeddings_only_limits(family: Family) -> dict[str, int]:
+    """``limit_mm_per_prompt`` for an engine that takes precomputed embeddings only: 0 for every media kind.
+
+    With ``enable_mm_embeds``, vLLM then builds no tower for those kinds (a placeholder module, no weights
+    loaded) yet still takes their embeddings, without counting them: PrefillService bounds the count.
+    (A limit above 0 for any kind a tower serves, e.g. image for Qwen2-VL's image+video tower, builds it.)
+    """
+    return dict.fromkeys(family.modalities, 0)
 
 
 # ---- orchestration (BLS) ---------------------------------------------------------------------------------

@@ -38,10 +38,12 @@ class TritonPythonModel:
             try:
                 prefill, images = self.planner.plan(parse_request(triton_io.read_inputs(request, INPUT_NAMES),
                                                                   self.settings))
-                urls = np.array([i.url.encode() for i in images], dtype=np.object_)
+                urls = np.array([i.url.encode() for i in images], dtype=np.object_).reshape(1, -1)
+                labels = np.array([i.where.encode() for i in images], dtype=np.object_).reshape(1, -1)
                 request_json = np.array([prefill.model_dump_json().encode()], dtype=np.object_)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("image_url", urls), pb_utils.Tensor("prefill_request", request_json),
+                    pb_utils.Tensor("image_url", urls), pb_utils.Tensor("image_label", labels),
+                    pb_utils.Tensor("prefill_request", request_json),
                 ]))
             except Exception as exc:
                 responses.append(triton_io.error_response(exc))
