@@ -182,13 +182,15 @@ class TritonServer:
         return tail[-1][:160] if len(tail) > 1 else ""
 
     def stop(self, timeout_s: float = 90.0) -> int | None:
-        """SIGINT (graceful: models' finalize runs), then SIGKILL to the whole group after the timeout."""
+        """SIGINT to tritonserver (graceful: models' finalize shuts their engines down), then SIGKILL to the
+        whole group after the timeout. Not SIGINT to the group: engine processes would die under their models,
+        whose watchdogs would then restart them during the shutdown."""
         proc, self.process = self.process, None
         if proc is None:
             return None
         if proc.poll() is None:
             try:
-                os.killpg(proc.pid, signal.SIGINT)
+                proc.send_signal(signal.SIGINT)
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 pass
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=None, help="load only these models (default: all)")
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
+    parser.add_argument("--openai-port", type=int, default=9000,
+                        help="also serve the OpenAI-compatible API (mmtriton.openai_server) here; 0: don't")
     args = parser.parse_args(argv)
 
     env: dict[str, str] = {}
@@ -258,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         log_verbose=args.log_verbose, env=env,
     )
     server = TritonServer(config)
+    openai = None
+    if args.openai_port:
+        from mmtriton.openai_server import OpenAIServerConfig, OpenAIServerProcess
+
+        _check_port_free(args.host, [args.openai_port])
+        openai = OpenAIServerProcess(
+            OpenAIServerConfig(triton_url=config.grpc_url, host=args.host, port=args.openai_port),
+            log_file=(config.log_file or repo_root() / "logs" / "tritonserver.log").with_name("openai-server.log"),
+        )
     print(f"Starting tritonserver (log: {config.log_file or repo_root() / 'logs' / 'tritonserver.log'}) …", flush=True)
     server.start()
     stopping = False
@@ -274,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     try:
         waited = server.wait_ready(args.timeout, progress=True)
-        print(_ready_banner(config, waited), flush=True)
+        if openai is not None:
+            openai.start()
+            openai.wait_ready()
+        print(_ready_banner(config, waited, openai.base_url if openai else None), flush=True)
         while server.process is not None and server.process.poll() is None:
             time.sleep(1)
         print(server.log_tail(), file=sys.stderr)
@@ -286,17 +302,23 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     finally:
+        if openai is not None:
+            openai.stop()
         server.stop()
 
 
-def _ready_banner(c: ServerConfig, waited: float) -> str:
+def _ready_banner(c: ServerConfig, waited: float, openai_url: str | None) -> str:
+    openai = "" if openai_url is None else f"""
+OpenAI-compatible API: {openai_url} (log: logs/openai-server.log)
+  curl -s {openai_url}/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "multimodal_agg", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 16}}'"""
     return f"""
 tritonserver is ready after {waited:.0f} s: HTTP {c.http_url}, gRPC {c.grpc_url}, metrics {c.host}:{c.metrics_port}
 Send a request:
   .venv/bin/python -m client --url {c.grpc_url} "Describe the image." --image tests/data/pattern.png
   curl -s -X POST http://{c.http_url}/v2/models/multimodal_agg/generate \\
-       -d '{{"text_input": "Hello", "sampling_parameters": "{{\\"max_tokens\\": 16}}"}}'
-Ctrl-C stops the server.
+       -d '{{"text_input": "Hello", "sampling_parameters": "{{\\"max_tokens\\": 16}}"}}'{openai}
+Ctrl-C stops the servers.
 """
 
 
