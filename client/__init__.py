@@ -3,6 +3,10 @@
     from client import build_inputs, stream_grpc
     for r in stream_grpc("127.0.0.1:8001", "multimodal_agg", build_inputs("Describe it.", images=["cat.png"])):
         print(r["text_output"], end="", flush=True)
+
+Also: ``stream_http`` (Triton's generate_stream), ``generate_http`` (one response), ``GrpcStreamClient`` (one
+connection for many requests), ``chat_messages`` (OpenAI ``messages`` for the ``messages`` input or the
+OpenAI-compatible server). ``python -m client --help`` is the command-line front end.
 """
 
 from __future__ import annotations
@@ -82,6 +86,24 @@ def build_inputs(
     )
 
 
+def chat_messages(text: str, images: Sequence[str] = (), audios: Sequence[str] = (), videos: Sequence[str] = (),
+                  system: str | None = None) -> list[dict[str, Any]]:
+    """OpenAI chat ``messages``: media parts (images, audio, video, in that order) before the text. Local audio
+    files become ``input_audio`` parts (OpenAI's form for inline audio), audio URLs ``audio_url`` parts."""
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": to_url(i, "image")}} for i in images]
+    for a in audios:
+        url = to_url(a, "audio")
+        if url.startswith("data:") and url != a:
+            fmt = Path(a).suffix.lstrip(".").lower() or "wav"
+            parts.append({"type": "input_audio", "input_audio": {"data": url.split(",", 1)[1], "format": fmt}})
+        else:
+            parts.append({"type": "audio_url", "audio_url": {"url": url}})
+    parts += [{"type": "video_url", "video_url": {"url": to_url(v, "video")}} for v in videos]
+    parts.append({"type": "text", "text": text})
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": parts}]
+
+
 def _decode(result) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("text_output", "finish_reason"):
@@ -155,23 +177,44 @@ def stream_grpc(url: str, model: str, inputs: RequestInputs, timeout_s: float = 
         yield from client.generate(model, inputs, timeout_s, request_id)
 
 
-def generate_http(url: str, model: str, inputs: RequestInputs, timeout_s: float = 300.0) -> dict[str, Any]:
-    """One non-streaming request through Triton's HTTP generate endpoint."""
-    import urllib.error
-    import urllib.request
-
+def _http_body(inputs: RequestInputs, stream: bool) -> bytes:
+    """The generate extension's JSON: one value per scalar input, lists for the *_url inputs."""
     body: dict[str, Any] = {}
     for name, arr in inputs.arrays().items():
         if name == "stream":
-            continue  # the generate endpoint is for the one-response mode
+            continue
         values = [v.decode() if isinstance(v, bytes) else v for v in arr.reshape(-1).tolist()]
         body[name] = values if name.endswith("_url") else values[0]
-    req = urllib.request.Request(
-        f"http://{url}/v2/models/{model}/generate", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    body["stream"] = stream
+    return json.dumps(body).encode()
+
+
+def _http_post(url: str, path: str, body: bytes, timeout_s: float):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{url}{path}", data=body, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            return json.loads(r.read())
+        return urllib.request.urlopen(req, timeout=timeout_s)
     except urllib.error.HTTPError as exc:
         raise InferenceFailed(f"HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc
+
+
+def generate_http(url: str, model: str, inputs: RequestInputs, timeout_s: float = 300.0) -> dict[str, Any]:
+    """One non-streaming request through Triton's HTTP generate endpoint."""
+    with _http_post(url, f"/v2/models/{model}/generate", _http_body(inputs, stream=False), timeout_s) as r:
+        return json.loads(r.read())
+
+
+def stream_http(url: str, model: str, inputs: RequestInputs, timeout_s: float = 300.0) -> Iterator[dict[str, Any]]:
+    """A streamed request through Triton's HTTP generate_stream endpoint (Server-Sent Events): yields each
+    response as a dict (the contract's outputs)."""
+    with _http_post(url, f"/v2/models/{model}/generate_stream", _http_body(inputs, stream=True), timeout_s) as r:
+        for raw in r:
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise InferenceFailed(str(event["error"]))
+            yield event
