@@ -1,0 +1,39 @@
+"""perf_analyzer (installed by bin/setup: tools/install_perf_analyzer.sh) streams text + image requests to
+multimodal_agg on the session server, and the benchmark's own summary reads its profile export."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from perf_analyzer_inputs import build_entries, write_input_data  # noqa: E402
+from perf_analyzer_run import perf_analyzer_command, profile_summary  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+MAX_TOKENS = 8
+
+
+def test_perf_analyzer_streams_multimodal_agg(triton_server, tmp_path):
+    inputs = write_input_data(tmp_path / "inputs.json", build_entries([(64, 48)], variants=2, max_tokens=MAX_TOKENS))
+    out_csv, profile = tmp_path / "perf.csv", tmp_path / "profile.json"
+    # --request-count: one fixed window of 20 requests, so a busy machine cannot fail the stability check.
+    cmd = perf_analyzer_command("multimodal_agg", triton_server.config.grpc_url, inputs, out_csv, profile, "1:1",
+                                extra=["--request-count", "20"])
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 1 and rows[0]["Concurrency"] == "1", rows
+    assert float(rows[0]["Inferences/Second"]) > 0, rows
+    # Streaming really happened: one response per generated token (min_tokens = max_tokens), for every request.
+    (summary,) = profile_summary(profile)
+    assert summary["requests"] >= 20 and summary["responses_per_request"] == MAX_TOKENS, summary
+    assert 0 < summary["first_p50"] <= summary["last_p50"], summary
