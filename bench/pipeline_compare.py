@@ -4,7 +4,9 @@
 requests/s per path, and each as a ratio to the vLLM server measured in the same run. The vLLM server and
 tritonserver run one after the other (not together), so they do not share the 2 cores.
 
-    .venv/bin/python bench/pipeline_compare.py [--concurrency 1 8] [--requests 24]
+    .venv/bin/python bench/pipeline_compare.py [--concurrency 1 8] [--requests 24] [--openai]
+
+bench/report.py runs the same over a concurrency range and draws the figures.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from client import GrpcStreamClient, build_inputs  # noqa: E402
 from conftest import PIPELINE_MODELS, free_port, pattern_image, png_bytes  # noqa: E402
+from mmtriton.openai_server import OpenAIServerConfig, OpenAIServerProcess  # noqa: E402
 from mmtriton.server import ServerConfig, TritonServer  # noqa: E402
 from mmtriton.tiny_models import ensure_tiny_models  # noqa: E402
 
@@ -63,7 +66,34 @@ def run_load(send, concurrency: int, requests: int) -> dict[str, float]:
     }
 
 
-def bench_vllm_server(model: str, uri: str, levels: list[int], n: int) -> dict[int, dict[str, float]]:
+def openai_sender(base_url: str, model: str, uri: str):
+    """``send()`` for an OpenAI-compatible server (vLLM's or ours): one streamed chat request with the image."""
+    body = json.dumps({
+        "model": model, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                  {"type": "text", "text": PROMPT}]}],
+    }).encode()
+
+    def send():
+        start = time.perf_counter()
+        req = urllib.request.Request(f"{base_url}/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        first = None
+        with urllib.request.urlopen(req, timeout=300) as r:
+            for line in r:
+                if line.startswith(b"data: ") and b'"content"' in line and first is None:
+                    first = time.perf_counter()
+        return (first or time.perf_counter()) - start, time.perf_counter() - start
+
+    return send
+
+
+def no_progress(_label: str) -> None:
+    pass
+
+
+def bench_vllm_server(model: str, uri: str, levels: list[int], n: int,
+                      step=no_progress) -> dict[int, dict[str, float]]:
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
            "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
@@ -81,30 +111,24 @@ def bench_vllm_server(model: str, uri: str, levels: list[int], n: int) -> dict[i
                 if proc.poll() is not None:
                     raise RuntimeError("vLLM server exited; see logs/bench-vllm-server.log") from None
                 time.sleep(1)
-        body = json.dumps({
-            "model": model, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                                      {"type": "text", "text": PROMPT}]}],
-        }).encode()
-
-        def send():
-            start = time.perf_counter()
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-            first = None
-            with urllib.request.urlopen(req, timeout=300) as r:
-                for line in r:
-                    if line.startswith(b"data: ") and b'"content"' in line and first is None:
-                        first = time.perf_counter()
-            return (first or time.perf_counter()) - start, time.perf_counter() - start
-
-        return {c: run_load(send, c, n) for c in levels}
+        send = openai_sender(f"http://127.0.0.1:{port}/v1", model, uri)
+        out = {}
+        for c in levels:
+            out[c] = run_load(send, c, n)
+            step(f"vLLM server c={c}")
+        return out
     finally:
         proc.terminate()
         proc.wait(60)
 
 
-def bench_triton(model: str, uri: str, levels: list[int], n: int) -> dict[str, dict[int, dict[str, float]]]:
+TRITON_PATHS = ("multimodal", "multimodal_bls", "multimodal_agg")
+
+
+def bench_triton(model: str, uri: str, levels: list[int], n: int, step=no_progress,
+                 openai_front: bool = False) -> dict[str, dict[int, dict[str, float]]]:
+    """Each Triton path over gRPC; with ``openai_front`` also multimodal_agg through our OpenAI server
+    (measured by the same SSE client as vLLM's server)."""
     config = ServerConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           models=PIPELINE_MODELS, log_file=ROOT / "logs" / "bench-tritonserver.log",
                           env={"MMT_MODEL": model, "MMT_PREFILL_KV_PORT": str(free_port()),
@@ -113,11 +137,11 @@ def bench_triton(model: str, uri: str, levels: list[int], n: int) -> dict[str, d
     server.start()
     out: dict[str, dict[int, dict[str, float]]] = {}
     try:
-        print(f"tritonserver ready in {server.wait_ready(900):.0f} s", flush=True)
+        server.wait_ready(900)
         inputs = build_inputs(PROMPT, sampling={"max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS, "temperature": 0})
         inputs.image_url = [uri]
         local = threading.local()
-        for path in ("multimodal", "multimodal_bls", "multimodal_agg"):
+        for path in TRITON_PATHS:
 
             def send(path=path):
                 if not hasattr(local, "clients"):
@@ -129,35 +153,57 @@ def bench_triton(model: str, uri: str, levels: list[int], n: int) -> dict[str, d
                     first = first or time.perf_counter()
                 return first - start, time.perf_counter() - start
 
-            out[path] = {c: run_load(send, c, n) for c in levels}
-            print(f"  measured {path}", flush=True)
+            out[path] = {}
+            for c in levels:
+                out[path][c] = run_load(send, c, n)
+                step(f"{path} c={c}")
+        if openai_front:
+            front = OpenAIServerProcess(OpenAIServerConfig(triton_url=config.grpc_url, port=free_port()),
+                                        log_file=ROOT / "logs" / "bench-openai-server.log")
+            front.start()
+            try:
+                front.wait_ready(120)
+                send = openai_sender(front.base_url, "multimodal_agg", uri)
+                out[OPENAI_PATH] = {}
+                for c in levels:
+                    out[OPENAI_PATH][c] = run_load(send, c, n)
+                    step(f"{OPENAI_PATH} c={c}")
+            finally:
+                front.stop()
     finally:
         server.stop()
     return out
+
+
+OPENAI_PATH = "openai→agg"
+
+
+def print_table(base: dict[int, dict[str, float]], triton: dict[str, dict[int, dict[str, float]]],
+                levels: list[int]) -> None:
+    print(f"\n1-image requests, {MAX_TOKENS} tokens streamed, tiny Qwen2-VL; ratio = path / vLLM server")
+    print(f"{'path':<18}{'conc':>5}{'TTFT ms':>10}{'e2e ms':>10}{'req/s':>8}{'TTFT x':>8}{'e2e x':>8}{'req/s x':>9}")
+    for c in levels:
+        b = base[c]
+        print(f"{'vLLM server':<18}{c:>5}{b['ttft_ms']:>10.1f}{b['e2e_ms']:>10.1f}{b['rps']:>8.1f}"
+              f"{1:>8.2f}{1:>8.2f}{1:>9.2f}")
+        for path, per_level in triton.items():
+            r = per_level[c]
+            print(f"{path:<18}{c:>5}{r['ttft_ms']:>10.1f}{r['e2e_ms']:>10.1f}{r['rps']:>8.1f}"
+                  f"{r['ttft_ms'] / b['ttft_ms']:>8.2f}{r['e2e_ms'] / b['e2e_ms']:>8.2f}{r['rps'] / b['rps']:>9.2f}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--openai", action="store_true", help="also multimodal_agg through mmtriton.openai_server")
     args = ap.parse_args()
     (ROOT / "logs").mkdir(exist_ok=True)
     model = str(ensure_tiny_models()["qwen2-vl"])
     uri = "data:image/png;base64," + base64.b64encode(png_bytes(pattern_image(100, 80, seed=1))).decode()
-    base = bench_vllm_server(model, uri, args.concurrency, args.requests)
-    print("vLLM OpenAI server measured", flush=True)
-    triton = bench_triton(model, uri, args.concurrency, args.requests)
-
-    print(f"\n1-image requests, {MAX_TOKENS} tokens streamed, tiny Qwen2-VL; ratio = path / vLLM server")
-    print(f"{'path':<18}{'conc':>5}{'TTFT ms':>10}{'e2e ms':>10}{'req/s':>8}{'TTFT x':>8}{'e2e x':>8}{'req/s x':>9}")
-    for c in args.concurrency:
-        b = base[c]
-        print(f"{'vLLM server':<18}{c:>5}{b['ttft_ms']:>10.1f}{b['e2e_ms']:>10.1f}{b['rps']:>8.1f}"
-              f"{1:>8.2f}{1:>8.2f}{1:>9.2f}")
-        for path, levels in triton.items():
-            r = levels[c]
-            print(f"{path:<18}{c:>5}{r['ttft_ms']:>10.1f}{r['e2e_ms']:>10.1f}{r['rps']:>8.1f}"
-                  f"{r['ttft_ms'] / b['ttft_ms']:>8.2f}{r['e2e_ms'] / b['e2e_ms']:>8.2f}{r['rps'] / b['rps']:>9.2f}")
+    base = bench_vllm_server(model, uri, args.concurrency, args.requests, step=print)
+    triton = bench_triton(model, uri, args.concurrency, args.requests, step=print, openai_front=args.openai)
+    print_table(base, triton, args.concurrency)
     return 0
 
 
