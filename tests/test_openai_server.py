@@ -202,9 +202,10 @@ LONG = {"model": "multimodal_agg", "messages": [{"role": "user", "content": "Tel
 
 
 def test_disconnect_mid_stream_cancels_the_triton_request(openai_server, triton_server):
-    # Known flake, not ours to fix here: now and then (about 1 in 8 in experiments, more often as the first
-    # stream cancel after a sync-client cancel) the disconnect is only acted on when the answer ends. Up to
-    # three clients therefore leave mid-answer; the cancel must reach the model for one of them.
+    # Known open flake: now and then (about 1 in 8 in experiments, more often as the first stream cancel after
+    # a sync-client cancel) the OpenAI server learns of the disconnect only when the answer ends (uvicorn
+    # reports it late; a raw socket client shows the same; cause not found). Up to three clients therefore
+    # leave mid-answer; the cancel must reach the model for one of them.
     url = f"{openai_server.base_url}/chat/completions"
     outcomes = []
     for _ in range(3):
