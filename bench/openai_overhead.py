@@ -93,7 +93,9 @@ def main() -> int:
                         if not stream:  # noqa: B023
                             return iter([sdk.chat.completions.create(**kwargs).choices[0].token_ids])
                         chunks = sdk.chat.completions.create(**kwargs, stream=True)
-                        return (c.choices[0].token_ids for c in chunks if c.choices and c.choices[0].token_ids)
+                        # The role chunk carries no tokens (and no token_ids field).
+                        return (ids for c in chunks if c.choices
+                                and (ids := getattr(c.choices[0], "token_ids", None)))
 
                     d = run(args.requests, direct)
                     o = run(args.requests, via_openai)
