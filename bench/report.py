@@ -84,12 +84,12 @@ def main() -> int:
          "results": {p: {str(c): r for c, r in v.items()} for p, v in results.items()}}, indent=2))
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "concurrency", "ttft_ms", "e2e_ms", "rps", "e2e_ratio_to_vllm_server"])
+        w.writerow(["path", "concurrency", "ttft_ms", "e2e_ms", "rps", "e2e_ratio_to_vllm_server", "errors"])
         for path, per_level in results.items():
             for c in levels:
                 r = per_level[c]
                 w.writerow([path, c, f"{r['ttft_ms']:.2f}", f"{r['e2e_ms']:.2f}", f"{r['rps']:.3f}",
-                            f"{r['e2e_ms'] / base[c]['e2e_ms']:.3f}"])
+                            f"{r['e2e_ms'] / base[c]['e2e_ms']:.3f}", r["errors"]])
     png = args.out.with_suffix(".png")
     plot(results, png, f"1-image requests, {pc.MAX_TOKENS} streamed tokens, tiny Qwen2-VL, 2 cores")
     print(f"\nwrote {png}, {args.out.with_suffix('.json').name}, {args.out.with_suffix('.csv').name}")
