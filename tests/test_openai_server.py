@@ -5,6 +5,7 @@ right status, and a client that goes away cancels its Triton request."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import time
@@ -209,7 +210,7 @@ def cancels_within_tries(triton_server, leave, tries: int = 3) -> list[bool]:
     for _ in range(tries):
         before = metric(triton_server, "mmtriton_engine", "cancelled", "multimodal_agg")
         leave()
-        outcomes.append(wait_for_cancel(triton_server, before, timeout_s=20) == before + 1)
+        outcomes.append(wait_for_cancel(triton_server, before, timeout_s=30) == before + 1)
         if outcomes[-1]:
             break
     return outcomes
@@ -231,7 +232,9 @@ def test_disconnect_mid_stream_cancels_the_triton_request(openai_server, triton_
 
 def test_disconnect_while_waiting_for_a_whole_answer_cancels_it(openai_server, triton_server):
     def leave():
-        with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(60, read=2)) as http:
+        # Gives up after 2 s without an answer. (When the notice comes late the whole answer may arrive first:
+        # that try then counts as not cancelled.)
+        with contextlib.suppress(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(60, read=2)) as http:
             http.post(f"{openai_server.base_url}/chat/completions", json=LONG)
 
     outcomes = cancels_within_tries(triton_server, leave)
