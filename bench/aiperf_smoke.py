@@ -31,15 +31,11 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import free_port  # noqa: E402
+
 MODEL = "multimodal_agg"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http_ok(url: str, proc: subprocess.Popen | None, timeout_s: float, what: str, log: Path) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perf_analyzer_inputs import add_arguments, entries_from_args, write_input_data  # noqa: E402
+from perf_analyzer_inputs import add_arguments, entries_from_args, write_input_data  # noqa: E402 (puts tests/ on the path)
+
+from conftest import free_port  # noqa: E402
 
 PERF_ANALYZER = ROOT / ".venv" / "perf_analyzer" / "perf_analyzer"
 STAGES = ["preprocess", "encoder_image", "llm_prefill", "llm_decode"]  # what multimodal / multimodal_bls call
@@ -83,12 +84,6 @@ def print_profile_summary(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f"{r['concurrency']:>4} {r['requests']:>8} {r['responses_per_request']:>8.1f} {r['first_p50']:>9.1f} "
               f"{r['first_p90']:>9.1f} {r['last_p50']:>9.1f} {r['last_p90']:>9.1f} {r['gap_mean']:>17.2f}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, checkpoint: str | None):
