@@ -1,6 +1,6 @@
 """Sustained concurrent load on one model, counting failures: the reproduction for stability problems that
-only show under load (see the issue notes: the multimodal_bls stub segfaulted in libpython after a few
-hundred requests at concurrency 8, on this code and on the previous release alike).
+only show under load (the multimodal_bls stub used to segfault in libpython after a few hundred requests at
+concurrency 8; README, "Triton 2.51 stub traps").
 
     .venv/bin/python bench/stress.py [--model multimodal_bls] [--concurrency 8] [--requests-per-client 40]
 

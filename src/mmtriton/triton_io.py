@@ -107,6 +107,7 @@ class ResponseThread:
                 return
             channel, response, flags = item
             try:
+                response = channel.only_requested(response)
                 if response is None:
                     channel.sender.send(flags=flags)
                 else:
@@ -168,6 +169,7 @@ class ResponseChannel:
 
     def __init__(self, request, responses: ResponseThread):
         self.sender = request.get_response_sender()
+        self.requested = frozenset(request.requested_output_names())
         self.responses = responses
         self.cancelled = False
         self.closed = False
@@ -194,6 +196,21 @@ class ResponseChannel:
         if not self.closed:
             self.closed = True
             self.responses.put(self, None, FINAL)
+
+    def only_requested(self, response):
+        """The response without the outputs the client did not ask for.
+
+        Triton 2.51's stub drops those itself inside ``send`` with the GIL released, and a tensor made from a
+        numpy array then frees Python objects without the GIL (fixed upstream in python_backend #390): heap
+        corruption under load. Dropping them here, in Python, frees them safely.
+        """
+        if response is None or not self.requested or response.has_error():
+            return response
+        tensors = response.output_tensors()
+        kept = [t for t in tensors if t.name() in self.requested]
+        if len(kept) == len(tensors):
+            return response
+        return pb_utils.InferenceResponse(output_tensors=kept)
 
     def is_cancelled(self) -> bool:
         """Called from the engine loop and the response thread; either may be the first to notice. One ask at

@@ -22,6 +22,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from mmtriton import triton_io  # noqa: E402
 from mmtriton.disagg import Orchestrator  # noqa: E402
 from mmtriton.engine import EngineDead  # noqa: E402
+from mmtriton.lifetime import ReleaseLater  # noqa: E402
 from mmtriton.protocol import INPUTS, OUTPUTS, InvalidInput, error_class, parse_request  # noqa: E402
 from mmtriton.stages import PrefillResult, parse_stage  # noqa: E402
 
@@ -55,6 +56,9 @@ class TritonPythonModel:
         self.responses = triton_io.ResponseThread(pb_utils.Logger)
         self.loop = triton_io.EventLoopThread("multimodal_bls-loop")
         self.orchestrator = Orchestrator(self.settings, self._encode, self._prefill)
+        # Finished decoupled BLS iterators stay referenced here until the stub's own cleanup thread has let go
+        # of them (see mmtriton.lifetime.ReleaseLater).
+        self.released_late = ReleaseLater(delay_s=10.0)
 
     def execute(self, requests):
         triton_io.dispatch(requests, self.responses, INPUT_NAMES, self.loop.submit, self._serve, "multimodal_bls")
@@ -84,15 +88,14 @@ class TritonPythonModel:
             model_name="llm_prefill", inputs=[_string_tensor("prefill_request", [prefill_request.model_dump_json()])],
             requested_output_names=["prefill_result"], timeout=self.timeout_us,
         )
-        # llm_prefill is decoupled: one response with data, then the final flag.
-        responses = await asyncio.to_thread(lambda: list(request.exec(decoupled=True)))
-        for response in responses:
-            _raise_for(response, "llm_prefill")
-            tensor = pb_utils.get_output_tensor_by_name(response, "prefill_result")
-            if tensor is not None:
-                raw = tensor.as_numpy().reshape(-1)[0]
-                return parse_stage(PrefillResult, raw, "prefill_result")
-        raise RuntimeError("llm_prefill answered without a result")
+        # llm_prefill is not decoupled on purpose: a plain BLS response is only ever freed by Python, while a
+        # decoupled one can be freed by the stub's C++ cleanup thread without the GIL (see ReleaseLater).
+        response = await request.async_exec()
+        _raise_for(response, "llm_prefill")
+        tensor = pb_utils.get_output_tensor_by_name(response, "prefill_result")
+        if tensor is None:
+            raise RuntimeError("llm_prefill answered without a result")
+        return parse_stage(PrefillResult, tensor.as_numpy().reshape(-1)[0], "prefill_result")
 
     def _decode(self, decode_request, channel):
         """Forward llm_decode's responses as they come (blocking iterator: runs in a worker thread)."""
@@ -100,8 +103,15 @@ class TritonPythonModel:
             model_name="llm_decode", inputs=[_string_tensor("decode_request", [decode_request.model_dump_json()])],
             requested_output_names=[o["name"] for o in OUTPUTS], timeout=self.timeout_us,
         )
-        held = None  # one response held back, so the last one can carry the FINAL flag
         responses = request.exec(decoupled=True)
+        try:
+            self._forward(responses, channel)
+        finally:
+            self.released_late.hold(responses)
+
+    @staticmethod
+    def _forward(responses, channel):
+        held = None  # one response held back, so the last one can carry the FINAL flag
         for response in responses:
             _raise_for(response, "llm_decode")
             if channel.is_cancelled():
