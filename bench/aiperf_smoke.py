@@ -21,71 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from vllm_server import TINY_MODEL_ARGS, VllmOpenAIServerProcess  # noqa: E402
+
 from conftest import free_port  # noqa: E402
 
 MODEL = "multimodal_agg"
-
-
-def wait_http_ok(url: str, proc: subprocess.Popen | None, timeout_s: float, what: str, log: Path) -> float:
-    """Poll ``url`` until it answers 200; fail early if ``proc`` exits. Returns seconds waited."""
-    t0 = time.monotonic()
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode}\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - t0
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() - t0 > timeout_s:
-            raise RuntimeError(f"{what} not healthy at {url} after {timeout_s:.0f} s\n{tail(log)}")
-        time.sleep(0.5)
-
-
-def tail(log: Path, lines: int = 40) -> str:
-    if not log.exists():
-        return ""
-    return "\n".join([f"---- {log} (tail) ----", *log.read_text(errors="replace").splitlines()[-lines:]])
-
-
-def start_process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as handle:
-        # Own process group: stop_process() reaches vLLM's engine processes too.
-        return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop_process(proc: subprocess.Popen | None, timeout_s: float = 30.0) -> None:
-    """SIGINT to the process group (graceful), then SIGKILL to whatever of the group is left."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=timeout_s)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 class VllmTarget:
@@ -94,25 +43,18 @@ class VllmTarget:
     name = "vllm"
 
     def __init__(self, tiny: Path):
-        self.tiny = tiny
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.log = ROOT / "logs" / "aiperf-smoke-vllm.log"
+        self.server = VllmOpenAIServerProcess(tiny, free_port(), served_model_name=MODEL, extra_args=TINY_MODEL_ARGS,
+                                              log_file=ROOT / "logs" / "aiperf-smoke-vllm.log")
 
     def start(self) -> str:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.tiny),
-               "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--seed", "0"]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
-        self.proc = start_process(cmd, self.log, env)
-        url = f"http://127.0.0.1:{self.port}"
-        waited = wait_http_ok(f"{url}/health", self.proc, 600, "vLLM's OpenAI server", self.log)
+        self.server.start()
+        waited = self.server.wait_ready(600)
+        url = self.server.base_url.removesuffix("/v1")
         print(f"  vLLM OpenAI server ready on {url} in {waited:.0f} s", flush=True)
         return url
 
     def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
+        self.server.stop()
 
 
 class TritonTarget:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -26,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+from vllm_server import TINY_MODEL_ARGS, VllmOpenAIServerProcess  # noqa: E402
 
 from client import GrpcStreamClient, build_inputs  # noqa: E402
 from conftest import PIPELINE_MODELS, free_port, pattern_image, png_bytes  # noqa: E402
@@ -111,32 +111,17 @@ def no_progress(_label: str) -> None:
 
 def bench_vllm_server(model: str, uri: str, levels: list[int], n: int,
                       step=no_progress) -> dict[int, dict[str, float]]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
-           "--max-num-seqs", "16", "--limit-mm-per-prompt", json.dumps({"image": 8, "video": 8}), "--seed", "0"]
-    log = open(ROOT / "logs" / "bench-vllm-server.log", "wb")  # noqa: SIM115
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("vLLM server exited; see logs/bench-vllm-server.log") from None
-                time.sleep(1)
-        send = openai_sender(f"http://127.0.0.1:{port}/v1", model, uri)
+    # Served under its path (no --served-model-name), which is the model id openai_sender asks for.
+    extra_args = [*TINY_MODEL_ARGS, "--max-num-seqs", "16",
+                  "--limit-mm-per-prompt", json.dumps({"image": 8, "video": 8})]
+    with VllmOpenAIServerProcess(model, free_port(), extra_args=extra_args,
+                                 log_file=ROOT / "logs" / "bench-vllm-server.log") as server:
+        send = openai_sender(server.base_url, model, uri)
         out = {}
         for c in levels:
             out[c] = run_load(send, c, n)
             step(f"vLLM server c={c}")
         return out
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 TRITON_PATHS = ("multimodal", "multimodal_bls", "multimodal_agg")
