@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 
@@ -17,13 +18,14 @@ class ReleaseLater:
     stub segfault under load. Letting go later makes Python's reference the last one.
     """
 
-    def __init__(self, delay_s: float = 10.0):
+    def __init__(self, delay_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.delay_s = delay_s
+        self.clock = clock
         self._held: deque[tuple[float, Any]] = deque()
         self._lock = threading.Lock()
 
     def hold(self, obj: Any) -> None:
-        now = time.monotonic()
+        now = self.clock()
         expired = []
         with self._lock:
             self._held.append((now + self.delay_s, obj))
