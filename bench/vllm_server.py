@@ -8,7 +8,6 @@ the benchmarks measure our paths against. Built like ``mmtriton.openai_server.Op
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+
+from mmtriton.server import stop_process_group
 
 # The tiny models as our engines run them: the checkpoint's float32 (vLLM would choose bf16 on CPU), no CUDA
 # graphs, the server's max_model_len (mmtriton.settings) and a fixed seed.
@@ -99,22 +100,8 @@ class VllmOpenAIServerProcess:
         """SIGINT to the process group (a graceful shutdown), then SIGKILL to whatever of the group is left:
         the engine core processes can outlive the API server."""
         proc, self.process = self.process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGINT)
-                proc.wait(timeout=timeout_s)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        if proc is not None:
+            stop_process_group(proc, timeout_s, interrupt_group=True)
 
     def __enter__(self) -> VllmOpenAIServerProcess:
         self.start()

@@ -94,6 +94,28 @@ class ServerConfig:
         return f"{self.host}:{self.grpc_port}"
 
 
+def stop_process_group(proc: subprocess.Popen, timeout_s: float, *, interrupt_group: bool) -> None:
+    """SIGINT (to the whole process group, or to its leader only), up to ``timeout_s`` for a graceful exit, then
+    SIGKILL to whatever of the group is left (children such as engine processes can outlive their parent)."""
+    if proc.poll() is None:
+        try:
+            if interrupt_group:
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=timeout_s)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 class TritonServer:
     """One tritonserver process. Use as a context manager or call start()/wait_ready()/stop()."""
 
@@ -188,23 +210,7 @@ class TritonServer:
         proc, self.process = self.process, None
         if proc is None:
             return None
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGINT)
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-            except ProcessLookupError:
-                pass
-        # Whatever is left of the group (stubs, engine processes) goes now.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_process_group(proc, timeout_s, interrupt_group=False)
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None
