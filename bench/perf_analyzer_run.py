@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_analyzer_inputs import add_arguments, entries_from_args, write_input_data  # noqa: E402 (puts tests/ on the path)
 
-from conftest import free_port  # noqa: E402
+from conftest import bench_server_config  # noqa: E402
 
 PERF_ANALYZER = ROOT / ".venv" / "perf_analyzer" / "perf_analyzer"
 STAGES = ["preprocess", "encoder_image", "llm_prefill", "llm_decode"]  # what multimodal / multimodal_bls call
@@ -88,15 +88,12 @@ def print_profile_summary(rows: list[dict[str, Any]]) -> None:
 
 def start_server(model: str, checkpoint: str | None):
     """Our launcher on free ports (others may serve on this machine), loading only what ``model`` needs."""
-    from mmtriton.server import ServerConfig, TritonServer
+    from mmtriton.server import TritonServer
     from mmtriton.tiny_models import ensure_tiny_models
 
     path = str(Path(checkpoint).resolve()) if checkpoint else str(ensure_tiny_models()["qwen2-vl"])
     models = [model] + (STAGES if model in ("multimodal", "multimodal_bls") else [])
-    config = ServerConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), models=models,
-                          log_file=ROOT / "logs" / "perf-analyzer-tritonserver.log",
-                          env={"MMT_MODEL": path, "MMT_PREFILL_KV_PORT": str(free_port()),
-                               "MMT_DECODE_KV_PORT": str(free_port())})
+    config = bench_server_config(path, "perf-analyzer-tritonserver.log", models)
     server = TritonServer(config)
     server.start()
     try:

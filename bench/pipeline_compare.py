@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from vllm_server import TINY_MODEL_ARGS, VllmOpenAIServerProcess  # noqa: E402
 
 from client import GrpcStreamClient, build_inputs  # noqa: E402
-from conftest import PIPELINE_MODELS, free_port, pattern_image, png_bytes  # noqa: E402
+from conftest import bench_server_config, free_port, pattern_image, png_bytes  # noqa: E402
 from mmtriton.openai_server import OpenAIServerConfig, OpenAIServerProcess  # noqa: E402
-from mmtriton.server import ServerConfig, TritonServer  # noqa: E402
+from mmtriton.server import TritonServer  # noqa: E402
 from mmtriton.tiny_models import ensure_tiny_models  # noqa: E402
 
 PROMPT = "Describe the image."
@@ -131,10 +131,7 @@ def bench_triton(model: str, uri: str, levels: list[int], n: int, step=no_progre
                  openai_front: bool = False) -> dict[str, dict[int, dict[str, float]]]:
     """Each Triton path over gRPC; with ``openai_front`` also multimodal_agg through our OpenAI server
     (measured by the same SSE client as vLLM's server)."""
-    config = ServerConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          models=PIPELINE_MODELS, log_file=ROOT / "logs" / "bench-tritonserver.log",
-                          env={"MMT_MODEL": model, "MMT_PREFILL_KV_PORT": str(free_port()),
-                               "MMT_DECODE_KV_PORT": str(free_port())})
+    config = bench_server_config(model, "bench-tritonserver.log")
     server = TritonServer(config)
     server.start()
     out: dict[str, dict[int, dict[str, float]]] = {}

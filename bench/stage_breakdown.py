@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from client import GrpcStreamClient, build_inputs  # noqa: E402
-from conftest import PIPELINE_MODELS, free_port, pattern_image, png_bytes  # noqa: E402
-from mmtriton.server import ServerConfig, TritonServer  # noqa: E402
+from conftest import bench_server_config, pattern_image, png_bytes  # noqa: E402
+from mmtriton.server import TritonServer  # noqa: E402
 from mmtriton.tiny_models import ensure_tiny_models  # noqa: E402
 
 WARMUP = 12  # fresh gRPC connections stream their first ~10 answers in a burst (see bench/report.py)
@@ -94,10 +94,7 @@ def server_for(args) -> Iterator[tuple[str, str]]:
         yield args.url, args.metrics_url
         return
     tiny = ensure_tiny_models(progress=True)["qwen2-vl"]
-    config = ServerConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          models=PIPELINE_MODELS, log_file=ROOT / "logs" / "bench-tritonserver.log",
-                          env={"MMT_MODEL": str(tiny), "MMT_PREFILL_KV_PORT": str(free_port()),
-                               "MMT_DECODE_KV_PORT": str(free_port())})
+    config = bench_server_config(tiny, "bench-tritonserver.log")
     with TritonServer(config) as server:
         server.wait_ready(900, progress=True)
         yield config.grpc_url, f"http://{config.host}:{config.metrics_port}/metrics"

@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from client import GrpcStreamClient, build_inputs  # noqa: E402
-from conftest import PIPELINE_MODELS, free_port, pattern_image, png_bytes  # noqa: E402
-from mmtriton.server import ServerConfig, TritonServer  # noqa: E402
+from conftest import bench_server_config, pattern_image, png_bytes  # noqa: E402
+from mmtriton.server import TritonServer  # noqa: E402
 from mmtriton.tiny_models import ensure_tiny_models  # noqa: E402
 
 
@@ -35,10 +35,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     args = ap.parse_args()
     tiny = ensure_tiny_models()["qwen2-vl"]
-    config = ServerConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          models=PIPELINE_MODELS, log_file=ROOT / "logs" / "stress-tritonserver.log",
-                          env={"MMT_MODEL": str(tiny), "MMT_PREFILL_KV_PORT": str(free_port()),
-                               "MMT_DECODE_KV_PORT": str(free_port())})
+    config = bench_server_config(tiny, "stress-tritonserver.log")
     uri = "data:image/png;base64," + base64.b64encode(png_bytes(pattern_image(100, 80, seed=1))).decode()
     failures: list[str] = []
     with TritonServer(config) as server:

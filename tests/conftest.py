@@ -122,6 +122,17 @@ PIPELINE_MODELS = ["multimodal_agg", "encoder_image", "llm_prefill", "llm_decode
                    "multimodal"]
 
 
+def bench_server_config(model: str, log_name: str, models: list[str] | None = None):
+    """A tritonserver for a benchmark script: free ports (KV side channels too), ``model`` as MMT_MODEL, the
+    pipeline's models unless ``models`` says otherwise, its log in logs/``log_name``."""
+    from mmtriton.server import ServerConfig
+
+    return ServerConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                        models=PIPELINE_MODELS if models is None else models, log_file=ROOT / "logs" / log_name,
+                        env={"MMT_MODEL": str(model), "MMT_PREFILL_KV_PORT": str(free_port()),
+                             "MMT_DECODE_KV_PORT": str(free_port())})
+
+
 @pytest.fixture(scope="session")
 def triton_server(tiny_models, media_dir):
     """One tritonserver for the whole session: every model, on the tiny Qwen2-VL."""
