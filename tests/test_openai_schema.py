@@ -20,13 +20,13 @@ def test_sampling_parameters_mapping():
     assert ChatCompletionRequest(model="m", messages=HI).sampling_parameters(256) == {"max_tokens": 256}
 
 
-def test_triton_inputs_carry_the_messages_unchanged_and_stream_as_asked():
+def test_triton_inputs_carry_the_messages_unchanged_and_always_stream():
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}},
                                              {"type": "text", "text": "What?"}]}]
     inputs = ChatCompletionRequest(model="m", messages=messages).triton_inputs(16)
     assert json.loads(inputs["messages"][0]) == messages
     assert json.loads(inputs["sampling_parameters"][0]) == {"max_tokens": 16}
-    assert inputs["stream"].tolist() == [False]
+    assert inputs["stream"].tolist() == [True]  # a whole answer is gathered from Triton's stream
     assert ChatCompletionRequest(model="m", messages=messages, stream=True).triton_inputs(16)["stream"].tolist() == [
         True]
 
