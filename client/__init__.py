@@ -41,7 +41,7 @@ def to_url(item: str, kind: str) -> str:
 
 @dataclass
 class RequestInputs:
-    """The public contract's inputs (shared/DESIGN.md §2); None = left out."""
+    """The public contract's inputs (docs/contract.md); None = left out."""
 
     text_input: str | None = None
     messages: list[dict[str, Any]] | None = None

@@ -1,7 +1,7 @@
 """vLLM's NixlConnector (pull mode), with NIXL's progress thread off by default.
 
 vLLM builds its NIXL agent with the default progress thread, which on these CPU machines keeps a core busy in
-every idle engine (shared/ENVIRONMENT.md). KV moves by READs that the decode side drives (UCX over shared
+every idle engine (docs/vllm-cpu.md). KV moves by READs that the decode side drives (UCX over shared
 memory is one-sided), so the producer does not need a progress thread for the data path. Engines load this
 module by ``kv_connector_module_path="mmtriton.kv_connector"`` and ``kv_connector="QuietNixlConnector"``; the
 patch below runs in the engine's worker process when vLLM imports this module there.

@@ -1,4 +1,4 @@
-"""The public request/response contract (shared/DESIGN.md §2) as plain Python: parsing and validation.
+"""The public request/response contract (docs/contract.md) as plain Python: parsing and validation.
 
 Knows nothing of Triton or vLLM: inputs arrive as a mapping of name → numpy array (or None when a client
 left an optional input out), and every problem raises :class:`InvalidInput` naming what was wrong.

@@ -1,7 +1,7 @@
 """Launcher for a real ``tritonserver``: find it, prepare it, start it, wait for it, stop it.
 
 The server binary comes from the ``nvidia-pytriton`` wheel (Triton 2.51). Three things make its Python
-backend run this project's environment (see shared/ENVIRONMENT.md):
+backend run this project's environment (see docs/triton-2.51.md):
 - the 3.11 backend stub is copied next to the Python backend;
 - the stub takes its interpreter from the first ``python3`` on PATH, so the venv's ``bin`` goes first;
 - the stub links the system libpython, so LD_LIBRARY_PATH points at this interpreter's LIBDIR.
