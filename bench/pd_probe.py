@@ -65,9 +65,9 @@ def main() -> int:
         return LLM(model, dtype="float32", enforce_eager=True, max_model_len=4096, enable_mm_embeds=True,
                    limit_mm_per_prompt={"image": 4, "video": 0}, kv_transfer_config=kv, seed=0)
 
-    encoded = Qwen2VLImageEncoder(model).encode([pattern_image(100, 80, seed=1)])
+    encoded = Qwen2VLImageEncoder(model).encode_many([pattern_image(100, 80, seed=1)])
     mm = {"image": {"image_embeds": encoded[0].embeddings,
-                    "image_grid_thw": torch.tensor([encoded[0].extra["image_grid_thw"]])}}
+                    "image_grid_thw": torch.tensor([list(encoded[0].grid_thw)])}}
     long_text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 40)
     prompt_text = (f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{long_text} Describe the image."
                    "<|im_end|>\n<|im_start|>assistant\n")

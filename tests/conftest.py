@@ -118,8 +118,8 @@ def media_http(media_dir):
     server.shutdown()
 
 
-PIPELINE_MODELS = ["multimodal_agg", "encoder_image", "llm_prefill", "llm_decode", "multimodal_bls", "preprocess",
-                   "multimodal"]
+PIPELINE_MODELS = ["multimodal_agg", "encoder_image", "encoder_audio", "llm_prefill", "llm_decode", "multimodal_bls",
+                   "preprocess", "multimodal"]
 
 
 def bench_server_config(model: str, log_name: str, models: list[str] | None = None):
@@ -133,19 +133,31 @@ def bench_server_config(model: str, log_name: str, models: list[str] | None = No
                              "MMT_DECODE_KV_PORT": str(free_port())})
 
 
-@pytest.fixture(scope="session")
-def triton_server(tiny_models, media_dir):
-    """One tritonserver for the whole session: every model, on the tiny Qwen2-VL."""
+# At most one pipeline server runs at a time (each holds three vLLM engines, ~10 GB): starting one stops the
+# other. Test modules that use the audio server therefore run after every module that uses the session's Qwen2-VL
+# server (pytest_collection_modifyitems below).
+_RUNNING_SERVERS: dict[str, object] = {}
+AUDIO_SERVER_MODULES = ("test_audio_server.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name in AUDIO_SERVER_MODULES)  # stable: the rest keeps its order
+
+
+def pipeline_server(name: str, model_dir: Path, media_dir: Path, log_name: str, **env: str):
+    """A started, ready tritonserver with every pipeline model on ``model_dir`` (a generator for fixtures)."""
     from mmtriton.server import ServerConfig, TritonServer
 
+    for other in [k for k in _RUNNING_SERVERS if k != name]:
+        _RUNNING_SERVERS.pop(other).stop()
     config = ServerConfig(
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
         models=PIPELINE_MODELS,
-        log_file=ROOT / "logs" / "test-tritonserver.log",
+        log_file=ROOT / "logs" / log_name,
         env={
-            "MMT_MODEL": str(tiny_models["qwen2-vl"]),
+            "MMT_MODEL": str(model_dir),
             "MMT_ALLOWED_LOCAL_MEDIA_DIRS": str(media_dir),
             "MMT_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
             "MMT_ALLOW_LOOPBACK_MEDIA_URLS": "1",
@@ -153,15 +165,24 @@ def triton_server(tiny_models, media_dir):
             "MMT_MAX_IMAGE_PIXELS": str(1024 * 1024),
             "MMT_PREFILL_KV_PORT": str(free_port()),
             "MMT_DECODE_KV_PORT": str(free_port()),
+            **env,
         },
     )
     server = TritonServer(config)
+    _RUNNING_SERVERS[name] = server
     server.start()
     try:
         server.wait_ready(timeout_s=900)
         yield server
     finally:
+        _RUNNING_SERVERS.pop(name, None)
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_models, media_dir):
+    """One tritonserver for the whole session: every model, on the tiny Qwen2-VL."""
+    yield from pipeline_server("qwen2-vl", tiny_models["qwen2-vl"], media_dir, "test-tritonserver.log")
 
 
 def _offline_llm(path: Path, limit: dict[str, int]):

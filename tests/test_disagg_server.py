@@ -103,13 +103,13 @@ def test_long_prompt_decode_uses_the_transferred_kv(triton_server, offline_vl, t
     text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 30)
     want = all_paths_equal(triton_server, offline_vl, text, [data_uri(img)], [img])
     # The proof is meaningful: the same prompt with zero image embeddings gives other tokens.
-    encoded = Qwen2VLImageEncoder(str(tiny_models["qwen2-vl"])).encode([img])[0]
+    encoded = Qwen2VLImageEncoder(str(tiny_models["qwen2-vl"])).encode_many([img])[0]
     prompt = offline_vl.get_tokenizer().apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
         tokenize=False, add_generation_prompt=True)
     zeros = offline_vl.generate({"prompt": prompt, "multi_modal_data": {"image": {
         "image_embeds": torch.zeros_like(encoded.embeddings),
-        "image_grid_thw": torch.tensor([encoded.extra["image_grid_thw"]])}}},
+        "image_grid_thw": torch.tensor([list(encoded.grid_thw)])}}},
         SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
     assert list(zeros.outputs[0].token_ids) != want
     assert len(zeros.prompt_token_ids) > 3 * 128, "several whole 128-token KV blocks"
@@ -127,7 +127,7 @@ def test_bls_streams_one_response_per_token(triton_server):
 
 def test_forged_kv_hand_over_is_refused(triton_server):
     forged = {"prompt": "hi", "prefill": {"kv_transfer_params": {"remote_block_ids": [[1, 2]]},
-                                          "num_input_tokens": 2, "first_token_id": 5, "media": []},
+                                          "num_input_tokens": 2, "media": []},
               "sampling": {"max_tokens": 4}}
     url = f"http://{triton_server.config.http_url}/v2/models/llm_decode/generate"
     req = urllib.request.Request(url, data=json.dumps({"decode_request": json.dumps(forged)}).encode())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install a working perf_analyzer into .venv/perf_analyzer/ (idempotent; ~0 s when already there).
-# Why this way (shared/ENVIRONMENT.md): PyPI perf-analyzer 2.58+ and tritonclient >= 2.52 binaries need glibc 2.38;
+# Why this way (docs/triton-2.51.md): PyPI perf-analyzer 2.58+ and tritonclient >= 2.52 binaries need glibc 2.38;
 # the binary inside the tritonclient 2.51.0 wheel (the server's own release) runs here once libb64 and libcudart
 # are found, and nvidia-pytriton (in the venv already) ships both in nvidia_pytriton.libs.
 # Layout: bin/perf_analyzer (the real binary), lib/ (symlinks), perf_analyzer (the wrapper to call).

@@ -63,37 +63,22 @@ class _AudioTowerAndProjector(nn.Module):
         self.multi_modal_projector = Qwen2AudioMultiModalProjector(config)
 
 
-class Qwen2AudioEncoder:
-    """Qwen2-Audio audio tower + multi_modal_projector: one [tokens, hidden] tensor per clip."""
+class AudioSpec:
+    """What a Qwen2-Audio checkpoint's feature extractor says about clips: rate, window, tokens per clip, the
+    shortest clip it can represent. Cheap (no weights): the aggregated path checks clips with it too."""
 
-    # transformers 5.19 saves them top-level; a checkpoint saved from Qwen2AudioModel has them under "model.".
-    TOWER_PREFIXES = ("audio_tower.", "model.audio_tower.")
-    PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
-
-    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32):
-        from transformers import AutoConfig, AutoFeatureExtractor
-
-        t0 = time.monotonic()
-        config = AutoConfig.from_pretrained(model_path)
+    def __init__(self, feature_extractor):
         # The processor config's feature_extractor section (WhisperFeatureExtractor); vLLM reads the same one.
-        self.feature_extractor = AutoFeatureExtractor.from_pretrained(model_path)
-        self.sample_rate = int(self.feature_extractor.sampling_rate)
-        self.hop_length = int(self.feature_extractor.hop_length)
-        self.max_samples = int(self.feature_extractor.n_samples)  # the window; longer clips are truncated to it
-        self.model = _AudioTowerAndProjector(config).to(dtype).eval()
-        for module, prefixes in ((self.model.audio_tower, self.TOWER_PREFIXES),
-                                 (self.model.multi_modal_projector, self.PROJECTOR_PREFIXES)):
-            missing, unexpected = module.load_state_dict(load_weights(model_path, prefixes), strict=False)
-            if missing or unexpected:
-                raise ValueError(f"audio weights {prefixes[0]}* do not match: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
-        self.dtype = dtype
-        self.hidden_size = int(config.text_config.hidden_size)  # the projector's output = the LM's hidden size
-        log.info("Qwen2-Audio audio tower loaded from %s in %.1f s", model_path, time.monotonic() - t0)
+        self.feature_extractor = feature_extractor
+        self.sample_rate = int(feature_extractor.sampling_rate)
+        self.hop_length = int(feature_extractor.hop_length)
+        self.max_samples = int(feature_extractor.n_samples)  # the window; longer clips are truncated to it
 
-    @property
-    def tower(self) -> nn.Module:
-        return self.model.audio_tower
+    @classmethod
+    def of(cls, model_path: str) -> AudioSpec:
+        from transformers import AutoFeatureExtractor
+
+        return cls(AutoFeatureExtractor.from_pretrained(model_path))
 
     def mel_frames(self, num_samples: int) -> int:
         """Valid mel frames of a clip: WhisperFeatureExtractor's attention mask ``[::hop]`` over the padded window."""
@@ -121,6 +106,36 @@ class Qwen2AudioEncoder:
                 f"{self.min_samples / self.sample_rate:.4g} s ({len(wave)} < {self.min_samples} samples at "
                 f"{self.sample_rate} Hz)"
             )
+
+
+
+class Qwen2AudioEncoder(AudioSpec):
+    """Qwen2-Audio audio tower + multi_modal_projector: one [tokens, hidden] tensor per clip."""
+
+    # transformers 5.19 saves them top-level; a checkpoint saved from Qwen2AudioModel has them under "model.".
+    TOWER_PREFIXES = ("audio_tower.", "model.audio_tower.")
+    PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+
+    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32):
+        from transformers import AutoConfig, AutoFeatureExtractor
+
+        t0 = time.monotonic()
+        config = AutoConfig.from_pretrained(model_path)
+        super().__init__(AutoFeatureExtractor.from_pretrained(model_path))
+        self.model = _AudioTowerAndProjector(config).to(dtype).eval()
+        for module, prefixes in ((self.model.audio_tower, self.TOWER_PREFIXES),
+                                 (self.model.multi_modal_projector, self.PROJECTOR_PREFIXES)):
+            missing, unexpected = module.load_state_dict(load_weights(model_path, prefixes), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"audio weights {prefixes[0]}* do not match: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+        self.dtype = dtype
+        self.hidden_size = int(config.text_config.hidden_size)  # the projector's output = the LM's hidden size
+        log.info("Qwen2-Audio audio tower loaded from %s in %.1f s", model_path, time.monotonic() - t0)
+
+    @property
+    def tower(self) -> nn.Module:
+        return self.model.audio_tower
 
     @torch.inference_mode()
     def encode(self, waves: list[np.ndarray]) -> list[EncodedAudio]:

@@ -1,7 +1,8 @@
 """The disaggregated pipeline as plain Python: encode → (NIXL) → prefill → (vLLM KV connector) → decode.
 
-Each stage is a class the matching Triton model wraps; ``Orchestrator`` chains them for the BLS model through
-three callables, so it runs the same with Triton BLS calls or direct calls.
+Each stage is a class the matching Triton model wraps (the encoders' is mmtriton.encoder_service);
+``Orchestrator`` chains them for the BLS model through callables, so it runs the same with Triton BLS calls or
+direct calls.
 """
 
 from __future__ import annotations
@@ -21,16 +22,22 @@ from mmtriton.engine import (
     VllmEngine,
     engine_args_for,
     kv_transfer_args,
-    resolve_dtype,
     to_vllm_sampling,
 )
 from mmtriton.families import Family, checkpoint_config, family_for
-from mmtriton.media.loader import MediaLoader
-from mmtriton.metrics import StageTimes
 from mmtriton.protocol import GenerateRequest, InvalidInput, MediaItem
 from mmtriton.settings import Settings
-from mmtriton.stages import DecodeRequest, MediaLayout, PrefillRequest, PrefillResult, pipeline_secret, sign, verify
-from mmtriton.transfer import EmbeddingDescriptor, EmbeddingReceiver, EmbeddingSender
+from mmtriton.transfer import EmbeddingDescriptor, EmbeddingReceiver
+from mmtriton.wire import (
+    DecodeRequest,
+    MediaLayout,
+    PrefillRequest,
+    PrefillResult,
+    parse_placement,
+    pipeline_secret,
+    sign,
+    verify,
+)
 
 MiB = 1024 * 1024
 
@@ -38,62 +45,6 @@ MiB = 1024 * 1024
 def text_hidden_size(model_path: str) -> int:
     config = checkpoint_config(model_path)
     return int((config.get("text_config") or config)["hidden_size"])
-
-
-# ---- encoder ---------------------------------------------------------------------------------------------
-class ImageEncoderService:
-    """Images → embeddings in this process's NIXL pool → one descriptor (JSON) per image."""
-
-    def __init__(self, settings: Settings, agent_name: str | None = None):
-        from mmtriton.encoder import image_encoder_for
-
-        self.settings = settings
-        dtype = resolve_dtype(settings)
-        self.encoder = image_encoder_for(settings.model_path(), getattr(torch, dtype, torch.float32))
-        self.media = MediaLoader(settings)
-        self.times = StageTimes()
-        # Forward passes, the requests they served, and the most requests one pass served (a gauge).
-        self.batching = {"batches": 0, "requests": 0, "max_requests": 0}
-        self.sender = EmbeddingSender(
-            agent_name or f"encoder_image-{os.getpid()}", settings.embedding_pool_mib * MiB,
-            ack_timeout_s=settings.embedding_ack_timeout_s,
-        )
-
-    async def encode(self, items: list[MediaItem]) -> list[str]:
-        (result,) = await self.encode_batch([items])
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    async def encode_batch(self, requests: list[list[MediaItem]]) -> list[list[str] | BaseException]:
-        """Several requests' images (Triton's dynamic batch) through the tower in one forward pass. A request
-        whose image fails to load gets its error; the others go on."""
-        self.batching["batches"] += 1
-        self.batching["requests"] += len(requests)
-        self.batching["max_requests"] = max(self.batching["max_requests"], len(requests))
-        with self.times.time("image_load"):
-            loaded = await asyncio.gather(
-                *(asyncio.gather(*(self.media.load_image(item) for item in items)) for items in requests),
-                return_exceptions=True,
-            )
-        images = [image for batch in loaded if not isinstance(batch, BaseException) for image in batch]
-        with self.times.time("encode"):
-            encoded = iter(await asyncio.to_thread(self.encoder.encode, images))
-        results: list[list[str] | BaseException] = []
-        with self.times.time("embedding_put"):
-            for batch in loaded:
-                if isinstance(batch, BaseException):
-                    results.append(batch)
-                    continue
-                mine = [next(encoded) for _ in batch]
-                try:
-                    results.append([self.sender.put(e.embeddings, e.extra).to_json() for e in mine])
-                except Exception as exc:  # noqa: BLE001 - e.g. a full pool: this request's error only
-                    results.append(exc)
-        return results
-
-    def close(self) -> None:
-        self.sender.close()
 
 
 # ---- prefill ---------------------------------------------------------------------------------------------
@@ -113,12 +64,13 @@ class PrefillService:
         if len(request.embeddings) > self.settings.max_media_items:
             # vLLM does not count embeddings for a kind whose limit is 0 (embeddings_only_limits): we do.
             raise InvalidInput(f"too many embeddings: {len(request.embeddings)} > {self.settings.max_media_items}")
-        descriptors = [EmbeddingDescriptor.from_dict(d) for d in request.embeddings]
+        descriptors = [parse_descriptor(raw) for raw in request.embeddings]
         with self.engine.times.time("embedding_fetch"):
             tensors = await asyncio.gather(*(
                 asyncio.to_thread(self.receiver.fetch, d, self.settings.stage_timeout_s) for d in descriptors
             ))
         layouts = [self._layout(d, t) for d, t in zip(descriptors, tensors, strict=True)]
+        self.family.check_counts(request.prompt, layouts)
         prompt: dict[str, Any] = {"prompt": request.prompt}
         if tensors:
             prompt["multi_modal_data"] = self.family.embeddings_mm_data(list(tensors), layouts)
@@ -131,16 +83,16 @@ class PrefillService:
         if final is None or "kv_transfer_params" not in final.extra:
             raise EngineDead("prefill returned no kv_transfer_params")
         result = PrefillResult(kv_transfer_params=final.extra["kv_transfer_params"],
-                               num_input_tokens=final.num_input_tokens, first_token_id=final.token_ids[0],
-                               media=layouts)
+                               num_input_tokens=final.num_input_tokens, media=layouts)
         return sign(result, self.key)
 
     def _layout(self, desc: EmbeddingDescriptor, tensor: torch.Tensor) -> MediaLayout:
         if tensor.dim() != 2 or tensor.shape[1] != self.hidden_size:
             raise InvalidInput(f"embedding {desc.transfer_id}: shape {list(tensor.shape)} is not [tokens, "
                                f"{self.hidden_size}]")
-        layout = MediaLayout(num_tokens=int(tensor.shape[0]), hidden_size=self.hidden_size,
-                             dtype=str(tensor.dtype).removeprefix("torch."), extra=dict(desc.extra))
+        placement = parse_placement(desc.extra, f"embedding {desc.transfer_id}")
+        layout = MediaLayout(**placement.model_dump(), num_tokens=int(tensor.shape[0]), hidden_size=self.hidden_size,
+                             dtype=str(tensor.dtype).removeprefix("torch."))
         self.family.check_layout(layout)
         return layout
 
@@ -208,13 +160,13 @@ def embeddings_only_limits(family: Family) -> dict[str, int]:
 
 
 # ---- orchestration (BLS) ---------------------------------------------------------------------------------
-EncodeCall = Callable[[list[MediaItem]], Awaitable[list[str]]]
+EncodeCall = Callable[[str, list[MediaItem]], Awaitable[list[str]]]  # (kind, items) → descriptor JSON strings
 PrefillCall = Callable[[PrefillRequest], Awaitable[PrefillResult]]
 DecodeCall = Callable[[DecodeRequest], Awaitable[None]]
 
 
 class RequestPlanner:
-    """Public request → the prompt (model's chat template) and the images to encode, in prompt order."""
+    """Public request → the prompt (model's chat template) and the media to encode, in prompt order."""
 
     def __init__(self, settings: Settings):
         self.model_path = settings.model_path()
@@ -223,15 +175,22 @@ class RequestPlanner:
 
     def plan(self, request: GenerateRequest) -> tuple[PrefillRequest, list[MediaItem]]:
         self.family.check_media([m.kind for m in request.media], self.model_path)
-        _only_images(request.media)
+        for item in request.media:
+            if item.kind not in self.family.embeds:
+                raise InvalidInput(f"{item.where}: {item.kind} is not served by the disaggregated path for "
+                                   f"{self.family.name} yet; use multimodal_agg")
         prefill = PrefillRequest(prompt=self.chat.render(request.messages), sampling=request.sampling,
                                  stream=request.stream)
         return prefill, list(request.media)
 
 
-def parse_descriptor(raw: str) -> dict[str, Any]:
+def items_of(kind: str, items: Iterable[MediaItem]) -> list[MediaItem]:
+    return [m for m in items if m.kind == kind]
+
+
+def parse_descriptor(raw: str) -> EmbeddingDescriptor:
     try:
-        return EmbeddingDescriptor.from_json(raw).to_dict()
+        return EmbeddingDescriptor.from_json(raw)
     except ValueError as exc:
         raise InvalidInput(f"embedding descriptor: {exc}") from exc
 
@@ -240,8 +199,12 @@ def decode_request_for(request: PrefillRequest, result: PrefillResult) -> Decode
     return DecodeRequest(prompt=request.prompt, prefill=result, sampling=request.sampling, stream=request.stream)
 
 
+ENCODED_KINDS = ("image", "audio")  # the kinds an encoder model serves (encoder_<kind>)
+
+
 class Orchestrator:
-    """Request → prompt → (encode if media) → prefill → decode. Text-only requests skip the encoder."""
+    """Request → prompt → (encode each kind present, concurrently) → prefill → decode. Text-only requests skip
+    the encoders."""
 
     def __init__(self, settings: Settings, encode: EncodeCall, prefill: PrefillCall):
         self.planner = RequestPlanner(settings)
@@ -249,15 +212,10 @@ class Orchestrator:
 
     async def run(self, request: GenerateRequest, decode: DecodeCall) -> None:
         """``decode`` streams the answer to this request's client."""
-        prefill_request, images = self.planner.plan(request)
-        if images:
-            prefill_request.embeddings = [parse_descriptor(d) for d in await self.encode(images)]
+        prefill_request, media = self.planner.plan(request)
+        work = [(kind, items) for kind in ENCODED_KINDS if (items := items_of(kind, media))]
+        if work:
+            encoded = await asyncio.gather(*(self.encode(kind, items) for kind, items in work))
+            prefill_request.embeddings = [d for descriptors in encoded for d in descriptors]
         result = await self.prefill(prefill_request)
         await decode(decode_request_for(prefill_request, result))
-
-
-def _only_images(items: Iterable[MediaItem]) -> None:
-    for item in items:
-        if item.kind != "image":
-            raise InvalidInput(f"{item.where}: {item.kind} is not served by the disaggregated path yet; "
-                               "use multimodal_agg")

@@ -1,8 +1,9 @@
 """Image encoders that load only the vision tower (+ projector) of a checkpoint, never the language model.
 
-``ImageEncoder.encode(images)`` runs the model's own image processor and tower over a batch of images (from one
-or several requests: one forward pass) and returns one :class:`EncodedImage` per image, in the format the LLM
-engine takes as embeddings input. Which tower and format is the family's business (mmtriton.families).
+``Qwen2VLImageEncoder.encode_many(images)`` runs the model's own image processor and tower over a batch of images
+(from one or several requests: one forward pass) and returns one
+:class:`~mmtriton.encoder_service.EncodedMedia` per image, in the format the LLM engine takes as embeddings input.
+Which tower and format is the family's business (mmtriton.families).
 """
 
 from __future__ import annotations
@@ -10,24 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mmtriton.encoder_service import EncodedMedia
+    from mmtriton.media.loader import MediaLoader
+    from mmtriton.protocol import MediaItem
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EncodedImage:
-    embeddings: torch.Tensor  # [num_tokens, hidden]: what replaces the image's placeholder tokens
-    # Family-specific extras the LLM needs besides the embeddings (Qwen2-VL: image_grid_thw).
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.embeddings.shape[0])
 
 
 def load_weights(model_path: str | Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -58,6 +54,7 @@ class Qwen2VLImageEncoder:
     """Qwen2-VL / Qwen2.5-VL vision tower (its merger is the projector): flat [tokens, hidden] + image_grid_thw."""
 
     WEIGHT_PREFIXES = ("model.visual.", "visual.")
+    kind = "image"
 
     def __init__(self, model_path: str, dtype: torch.dtype = torch.float32):
         from transformers import AutoConfig, AutoImageProcessor
@@ -74,8 +71,13 @@ class Qwen2VLImageEncoder:
         self.hidden_size = int(config.vision_config.hidden_size)
         log.info("Qwen2-VL vision tower loaded from %s in %.1f s", model_path, time.monotonic() - t0)
 
+    async def load(self, media: MediaLoader, item: MediaItem) -> Image.Image:
+        return await media.load_image(item)
+
     @torch.inference_mode()
-    def encode(self, images: list) -> list[EncodedImage]:
+    def encode_many(self, images: list[Image.Image]) -> list[EncodedMedia]:
+        from mmtriton.encoder_service import EncodedMedia
+
         if not images:
             return []
         inputs = self.processor(images=images, return_tensors="pt")
@@ -84,7 +86,7 @@ class Qwen2VLImageEncoder:
         merged = out.pooler_output if hasattr(out, "pooler_output") else out
         sizes = (grid.prod(-1) // self.merge_size**2).tolist()
         return [
-            EncodedImage(emb.contiguous(), {"image_grid_thw": [int(v) for v in g]})
+            EncodedMedia(emb.contiguous(), (int(g[0]), int(g[1]), int(g[2])))
             for emb, g in zip(torch.split(merged, sizes), grid.tolist(), strict=True)
         ]
 
@@ -103,6 +105,6 @@ def image_encoder_for(model_path: str, dtype: torch.dtype = torch.float32):
     from mmtriton.families import family_for
 
     family = family_for(model_path)
-    if family.embeds_format == "qwen2_vl":
+    if family.name == "qwen2-vl":
         return Qwen2VLImageEncoder(model_path, dtype)
     raise ValueError(f"no image encoder for model family {family.name} ({model_path}) yet")

@@ -30,6 +30,29 @@ class EngineDead(RuntimeError):
     """The vLLM engine died; every request fails until the model is restarted."""
 
 
+class RequestFailed(RuntimeError):
+    """vLLM ended a request with an error of its own (e.g. a KV load failure): answered as INTERNAL with the
+    cause, never as an answer with no tokens."""
+
+
+# vLLM finish reasons that are failures, not answers (vllm.v1.engine.FinishReason: "error" is a retryable
+# request-level internal error such as a KV load failure; "abort" without our client's cancel means the engine
+# dropped the request).
+FAILED_FINISH_REASONS = ("error", "abort")
+
+
+def generate_error(exc: BaseException) -> Exception:
+    """What an ``EngineGenerateError`` from ``AsyncLLM.generate`` means for the client. vLLM raises it empty,
+    with the real error as its cause: a processor ``ValueError`` (e.g. "audio too short") is the client's
+    input; anything else is ours, named."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ValueError):
+        return InvalidInput(str(cause))
+    if cause is None:
+        return RequestFailed(f"vLLM failed the request ({type(exc).__name__})")
+    return RequestFailed(f"vLLM failed the request: {type(cause).__name__}: {cause}")
+
+
 @dataclass
 class GenerationChunk:
     """One response's worth of output (a step when streaming; everything otherwise)."""
@@ -95,6 +118,21 @@ def kv_transfer_args(role: str) -> dict[str, Any]:
     )
 
 
+def fresh_engine_identity(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """Engine args for a restarted engine: a new KV-connector engine id. NixlConnector peers cache each other by
+    engine id; a restarted prefill that kept its old id made decode reuse the dead agent for good ("remote agent
+    … was disconnected", every request ending with finish_reason "error"). A new id makes decode hand-shake anew."""
+    import copy
+    import uuid
+
+    config = engine_args.get("kv_transfer_config")
+    if config is None:
+        return engine_args
+    config = copy.deepcopy(config)
+    config.engine_id = str(uuid.uuid4())
+    return {**engine_args, "kv_transfer_config": config}
+
+
 def to_vllm_sampling(options: SamplingOptions, **extra: Any):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -144,6 +182,7 @@ class VllmEngine:
         # Engine-death recovery: a watchdog on the loop replaces a dead AsyncLLM with a new one.
         self.restarts = 0
         self.restarting = False
+        self.cancelled = 0  # requests whose client went away (aborted in vLLM)
         self.watch_interval_s = 1.0
 
     # ---- life cycle -------------------------------------------------------------------------------------
@@ -201,7 +240,7 @@ class VllmEngine:
             t0 = time.monotonic()
             try:
                 # Blocks this loop while the engine starts: requests queued meanwhile run on the new engine.
-                self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+                self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**fresh_engine_identity(self.engine_args)))
                 self.restarts += 1
                 log.warning("vLLM engine restarted in %.1f s (restart %d)", time.monotonic() - t0, self.restarts)
             except Exception:
@@ -243,7 +282,8 @@ class VllmEngine:
         """
         if not self.alive:
             raise EngineDead("the vLLM engine is not running (restarting after a crash)")
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         text_parts: list[str] = []
         token_ids: list[int] = []
@@ -260,8 +300,11 @@ class VllmEngine:
                     self.times.add("first_token", first - start)
                 if cancelled():
                     await self.llm.abort(request_id)
+                    self.cancelled += 1
                     return None
                 completion = out.outputs[0]
+                if out.finished and completion.finish_reason in FAILED_FINISH_REASONS:
+                    self._raise_failed(completion.finish_reason, len(token_ids) + len(completion.token_ids))
                 num_input = len(out.prompt_token_ids or [])
                 token_ids.extend(completion.token_ids)
                 chunk = GenerationChunk(
@@ -286,15 +329,27 @@ class VllmEngine:
                     return chunk
         except EngineDeadError as exc:
             raise EngineDead(f"the vLLM engine died: {exc}") from exc
-        except ValueError as exc:
+        except EngineGenerateError as exc:
+            if not self.alive:
+                raise EngineDead(f"the vLLM engine died during the request: {generate_error(exc)}") from exc
+            raise generate_error(exc) from exc
+        except (ValueError, VLLMClientError) as exc:
             # vLLM validates prompts (length, media count) with ValueError: the client's fault.
             raise InvalidInput(str(exc)) from exc
         except asyncio.CancelledError:
             await self.llm.abort(request_id)
             if watcher.done() and not watcher.cancelled() and watcher.result():
                 asyncio.current_task().uncancel()  # our own cancel, for the client: handled here
+                self.cancelled += 1
                 return None
             raise
         finally:
             watcher.cancel()
         raise EngineDead("the vLLM engine ended the request without a final output")
+
+    def _raise_failed(self, reason: str, num_tokens: int) -> None:
+        if not self.alive:
+            raise EngineDead(f"the vLLM engine went down during the request (finish_reason {reason!r})")
+        raise RequestFailed(f"the vLLM engine ended the request with finish_reason {reason!r} after {num_tokens} "
+                            "token(s); see the server log for the cause (for llm_decode: the KV transfer from "
+                            "llm_prefill failed)")

@@ -2,15 +2,69 @@
 
 Chosen by the checkpoint's ``config.json`` ``model_type`` (never by substrings of a name or path). A model
 type not listed here is served as text only.
+
+Precomputed embeddings (the disaggregated path) have one *format* per (family, media kind): how a layout is
+checked before it can reach (and kill) the engine, and how tensors become vLLM ``multi_modal_data``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mmtriton.protocol import InvalidInput
+
+if TYPE_CHECKING:  # wire imports nothing of ours but protocol; kept out of import time anyway
+    import torch
+
+    from mmtriton.wire import MediaLayout
+
+
+@dataclass(frozen=True)
+class EmbedsFormat:
+    """How one family takes precomputed embeddings of one media kind."""
+
+    check: Callable[[MediaLayout, int], None]  # (layout, merge_size) → raises InvalidInput
+    mm_data: Callable[[list[torch.Tensor], list[MediaLayout]], dict[str, Any]]  # one kind's items → its entry
+    # The prompt's placeholder for one item (vLLM expands it). Prefill checks the counts agree: vLLM reads a
+    # placeholder without an embedding as plain text, a silent wrong answer.
+    placeholder: str
+
+
+def _check_grid(layout: MediaLayout, merge_size: int) -> None:
+    grid = layout.grid_thw
+    if grid is None or not all(v > 0 for v in grid):
+        raise InvalidInput(f"{layout.kind} embedding: grid_thw {grid!r} is not three positive integers")
+    if grid[0] * grid[1] * grid[2] != layout.num_tokens * merge_size**2:
+        raise InvalidInput(f"{layout.kind} embedding: {layout.num_tokens} tokens do not match grid {list(grid)}")
+
+
+def _qwen2_vl_images(tensors: list[torch.Tensor], layouts: list[MediaLayout]) -> dict[str, Any]:
+    import torch
+
+    # Qwen2-VL takes one flat [total_tokens, hidden] tensor plus one grid row per image.
+    return {"image": {"image_embeds": torch.cat(tensors),
+                      "image_grid_thw": torch.tensor([list(m.grid_thw or ()) for m in layouts], dtype=torch.long)}}
+
+
+def _check_no_grid(layout: MediaLayout, _merge_size: int) -> None:
+    if layout.grid_thw is not None:
+        raise InvalidInput(f"{layout.kind} embedding: unexpected grid_thw {list(layout.grid_thw)}")
+
+
+def _qwen2_audio(tensors: list[torch.Tensor], _layouts: list[MediaLayout]) -> dict[str, Any]:
+    from mmtriton.audio_encoder import audio_embeddings_mm_data
+
+    # A bare list of [tokens, hidden] tensors: clips differ in length, and vLLM checks their hidden size before
+    # the engine (the {"audio_embeds": ...} dict form skips that check, and a wrong size killed the engine).
+    return audio_embeddings_mm_data(list(tensors))
+
+
+QWEN2_VL_IMAGE = EmbedsFormat(_check_grid, _qwen2_vl_images, "<|image_pad|>")
+QWEN2_AUDIO = EmbedsFormat(_check_no_grid, _qwen2_audio, "<|AUDIO|>")
 
 
 @dataclass(frozen=True)
@@ -19,37 +73,36 @@ class Family:
     model_types: tuple[str, ...]
     # Media kinds the model takes, in the order of the public contract.
     modalities: tuple[str, ...]
-    # Sample rate the audio tower expects (audio families only).
-    audio_sample_rate: int = 16000
-    # How precomputed image embeddings reach vLLM: "qwen2_vl" = flat [tokens, hidden] + image_grid_thw;
-    # "" = this family takes no embeddings from our encoders (yet).
-    embeds_format: str = ""
+    # Precomputed-embedding formats by media kind (the kinds our encoders serve for this family).
+    embeds: dict[str, EmbedsFormat] = field(default_factory=dict)
     # Qwen2-VL: patches merged per token side.
     merge_size: int = 2
 
-    def check_layout(self, layout) -> None:
-        """Refuse embeddings whose shape and grid disagree, before they can reach (and kill) the engine."""
-        from mmtriton.protocol import InvalidInput
+    def check_layout(self, layout: MediaLayout) -> None:
+        """Refuse embeddings whose kind, shape and grid disagree, before they can reach (and kill) the engine."""
+        fmt = self.embeds.get(layout.kind)
+        if fmt is None:
+            raise InvalidInput(f"model family {self.name} takes no precomputed {layout.kind} embeddings")
+        fmt.check(layout, self.merge_size)
 
-        if self.embeds_format == "qwen2_vl":
-            grid = layout.extra.get("image_grid_thw")
-            if not (isinstance(grid, list) and len(grid) == 3 and all(isinstance(v, int) and v > 0 for v in grid)):
-                raise InvalidInput(f"image embedding: image_grid_thw {grid!r} is not three positive integers")
-            if grid[0] * grid[1] * grid[2] != layout.num_tokens * self.merge_size**2:
-                raise InvalidInput(f"image embedding: {layout.num_tokens} tokens do not match grid {grid}")
-        elif not self.embeds_format:
-            raise InvalidInput(f"model family {self.name} takes no precomputed embeddings here yet")
+    def check_counts(self, prompt: str, layouts: Sequence[MediaLayout]) -> None:
+        """Every embedding format's placeholders in the prompt == the items of that kind."""
+        for kind, fmt in self.embeds.items():
+            have, want = sum(m.kind == kind for m in layouts), prompt.count(fmt.placeholder)
+            if have != want:
+                raise InvalidInput(f"the prompt has {want} {kind} placeholder(s) but {have} {kind} embedding(s)")
 
-    def embeddings_mm_data(self, tensors: list, layouts: list) -> dict:
-        """vLLM ``multi_modal_data`` for precomputed image embeddings, one tensor per image in prompt order."""
-        import torch
-
-        if self.embeds_format == "qwen2_vl":
-            return {"image": {
-                "image_embeds": torch.cat(tensors),
-                "image_grid_thw": torch.tensor([m.extra["image_grid_thw"] for m in layouts], dtype=torch.long),
-            }}
-        raise ValueError(f"model family {self.name} takes no precomputed embeddings here yet")
+    def embeddings_mm_data(self, tensors: Sequence[torch.Tensor], layouts: Sequence[MediaLayout]) -> dict:
+        """vLLM ``multi_modal_data`` for precomputed embeddings, one tensor per item. Items of one kind keep their
+        order (vLLM fills that kind's placeholders in order); kinds are independent."""
+        mm: dict[str, Any] = {}
+        for kind in dict.fromkeys(m.kind for m in layouts):
+            mine = [i for i, m in enumerate(layouts) if m.kind == kind]
+            fmt = self.embeds.get(kind)
+            if fmt is None:
+                raise InvalidInput(f"model family {self.name} takes no precomputed {kind} embeddings")
+            mm.update(fmt.mm_data([tensors[i] for i in mine], [layouts[i] for i in mine]))
+        return mm
 
     def check_media(self, kinds: list[str], model: str) -> None:
         for kind in dict.fromkeys(kinds):
@@ -59,8 +112,8 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("qwen2-vl", ("qwen2_vl", "qwen2_5_vl"), ("image", "video"), embeds_format="qwen2_vl"),
-    Family("qwen2-audio", ("qwen2_audio",), ("audio",)),
+    Family("qwen2-vl", ("qwen2_vl", "qwen2_5_vl"), ("image", "video"), embeds={"image": QWEN2_VL_IMAGE}),
+    Family("qwen2-audio", ("qwen2_audio",), ("audio",), embeds={"audio": QWEN2_AUDIO}),
     Family("llava", ("llava",), ("image",)),
 )
 TEXT_ONLY = Family("text", (), ())

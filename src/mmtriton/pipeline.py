@@ -1,14 +1,13 @@
 """Request → engine input, as plain Python (no Triton): what the aggregated model runs per request.
 
 ``AggregatedPipeline.prepare`` renders the chat template, loads and decodes every media item (through the shared
-MediaLoader: http(s) with its URL policy, a decoded-image cache), and returns the vLLM prompt (text +
+MediaLoader: http(s) with its URL policy, decoded-media caches), and returns the vLLM prompt (text +
 ``multi_modal_data``) with the raw media left to vLLM's own processor.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 from mmtriton.chat import ChatFormatter
@@ -18,11 +17,6 @@ from mmtriton.protocol import GenerateRequest, InvalidInput, MediaItem
 from mmtriton.settings import Settings
 
 
-@dataclass
-class EngineInput:
-    prompt: dict[str, Any]  # vLLM prompt: {"prompt": str, "multi_modal_data": {...}}
-
-
 class AggregatedPipeline:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -30,19 +24,30 @@ class AggregatedPipeline:
         self.family: Family = family_for(self.model_path)
         self.chat = ChatFormatter(self.model_path)
         self.media = MediaLoader(settings)
+        self._audio_spec = None  # (sample rate, shortest clip in samples), read on first audio
 
     def limit_mm_per_prompt(self) -> dict[str, int]:
         return {kind: self.settings.max_media_items for kind in self.family.modalities}
+
+    def audio_spec(self):
+        if self._audio_spec is None:
+            from mmtriton.audio_encoder import AudioSpec
+
+            self._audio_spec = AudioSpec.of(self.model_path)
+        return self._audio_spec
 
     async def load_media(self, item: MediaItem) -> Any:
         if item.kind == "image":
             return await self.media.load_image(item)
         if item.kind == "audio":
-            rate = self.family.audio_sample_rate
-            return (await self.media.load_audio(item, rate), rate)
+            spec = self.audio_spec()
+            wave = await self.media.load_audio(item, spec.sample_rate)
+            spec.check_length(wave, item.where)  # vLLM's own refusal would not name the item
+            return (wave, spec.sample_rate)
         raise InvalidInput(f"{item.where}: {item.kind} input is not supported by the aggregated model yet")
 
-    async def prepare(self, request: GenerateRequest) -> EngineInput:
+    async def prepare(self, request: GenerateRequest) -> dict[str, Any]:
+        """The vLLM prompt: {"prompt": str, "multi_modal_data": {...}}."""
         self.family.check_media([m.kind for m in request.media], self.model_path)
         prompt: dict[str, Any] = {"prompt": self.chat.render(request.messages)}
         loaded = await asyncio.gather(*(self.load_media(item) for item in request.media))
@@ -51,4 +56,4 @@ class AggregatedPipeline:
             mm.setdefault(item.kind, []).append(value)
         if mm:
             prompt["multi_modal_data"] = mm
-        return EngineInput(prompt=prompt)
+        return prompt

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -95,10 +95,6 @@ class GenerateRequest:
     media: list[MediaItem]
     sampling: SamplingOptions
     stream: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def media_of(self, kind: str) -> list[MediaItem]:
-        return [m for m in self.media if m.kind == kind]
 
 
 def parse_sampling_parameters(raw: str | None, settings: Settings) -> SamplingOptions:

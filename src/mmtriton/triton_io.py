@@ -82,6 +82,9 @@ def error_response(exc: BaseException):
         code, message = pb_utils.TritonError.UNAVAILABLE, UNAVAILABLE_PREFIX + str(exc)
     else:
         code, message = pb_utils.TritonError.INTERNAL, str(exc)
+    # An empty message would read as no error at all on some clients: always name the class at least.
+    if not message.strip() or message in (CLIENT_ERROR_PREFIX, UNAVAILABLE_PREFIX):
+        message += type(exc).__name__
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
@@ -266,6 +269,16 @@ class GaugeExporter:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2)
+
+
+def engine_sources(engine) -> dict[str, tuple[str, Callable[[], dict[str, float]]]]:
+    """GaugeExporter sources for a model that owns a VllmEngine: its health gauge and its stage times."""
+    return {
+        "mmtriton_engine": ("vLLM engine state: alive (1/0), restarts after crashes, requests cancelled",
+                            lambda: {"alive": float(engine.alive), "restarts": engine.restarts,
+                                     "cancelled": engine.cancelled}),
+        **stage_time_sources(engine.times),
+    }
 
 
 def stage_time_sources(times) -> dict[str, tuple[str, Callable[[], dict[str, float]]]]:

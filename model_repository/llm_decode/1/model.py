@@ -1,22 +1,11 @@
 """llm_decode: decode request JSON → streamed tokens (public outputs). Adapter over mmtriton.disagg.DecodeService."""
 
-import locale
+import triton_python_backend_utils as pb_utils
 
-locale.setlocale(locale.LC_ALL, "C.UTF-8")  # the stub starts ASCII; vLLM/torch need UTF-8
-
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-_SRC = Path(__file__).resolve().parents[3] / "src"
-if _SRC.is_dir() and str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
-
-import triton_python_backend_utils as pb_utils  # noqa: E402
-
-from mmtriton import triton_io  # noqa: E402
-from mmtriton.disagg import DecodeService  # noqa: E402
-from mmtriton.protocol import input_string  # noqa: E402
-from mmtriton.stages import DecodeRequest, parse_stage  # noqa: E402
+from mmtriton import triton_io
+from mmtriton.disagg import DecodeService
+from mmtriton.protocol import input_string
+from mmtriton.wire import DecodeRequest, parse_stage
 
 
 class TritonPythonModel:
@@ -25,7 +14,7 @@ class TritonPythonModel:
         self.service = DecodeService(self.settings)
         self.service.engine.start(self.settings.engine_start_timeout_s)
         self.responses = triton_io.ResponseThread(pb_utils.Logger)
-        self.metrics = triton_io.GaugeExporter("llm_decode", triton_io.stage_time_sources(self.service.engine.times))
+        self.metrics = triton_io.GaugeExporter("llm_decode", triton_io.engine_sources(self.service.engine))
         pb_utils.Logger.log_info("llm_decode: ready")
 
     def execute(self, requests):

@@ -1,23 +1,19 @@
-"""llm_prefill: prefill request JSON → signed prefill result JSON. Thin adapter over mmtriton.disagg.PrefillService."""
+"""llm_prefill: prefill request JSON (+ embedding descriptors from the encoders) → signed prefill result and the
+decode request. Thin adapter over mmtriton.disagg.PrefillService."""
 
-import locale
+import numpy as np
+import triton_python_backend_utils as pb_utils
 
-locale.setlocale(locale.LC_ALL, "C.UTF-8")  # the stub starts ASCII; vLLM/torch need UTF-8
+from mmtriton import triton_io
+from mmtriton.disagg import PrefillService, decode_request_for
+from mmtriton.protocol import input_string, input_strings
+from mmtriton.wire import PrefillRequest, parse_stage
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+DESCRIPTOR_INPUTS = ["embeddings", "audio_embeddings"]  # from encoder_image, encoder_audio (the ensemble)
 
-_SRC = Path(__file__).resolve().parents[3] / "src"
-if _SRC.is_dir() and str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-
-from mmtriton import triton_io  # noqa: E402
-from mmtriton.disagg import PrefillService, decode_request_for, parse_descriptor  # noqa: E402
-from mmtriton.protocol import input_string, input_strings  # noqa: E402
-from mmtriton.stages import PrefillRequest, parse_stage  # noqa: E402
+def _string(value: str):
+    return np.array([value.encode()], dtype=np.object_)
 
 
 class TritonPythonModel:
@@ -26,25 +22,24 @@ class TritonPythonModel:
         self.service = PrefillService(self.settings)
         self.service.engine.start(self.settings.engine_start_timeout_s)
         self.responses = triton_io.ResponseThread(pb_utils.Logger)
-        self.metrics = triton_io.GaugeExporter("llm_prefill", triton_io.stage_time_sources(self.service.engine.times))
+        self.metrics = triton_io.GaugeExporter("llm_prefill", triton_io.engine_sources(self.service.engine))
         pb_utils.Logger.log_info("llm_prefill: ready")
 
     def execute(self, requests):
-        triton_io.dispatch(requests, self.responses, ["prefill_request", "embeddings"], self.service.engine.submit,
-                           self._serve, "llm_prefill")
+        triton_io.dispatch(requests, self.responses, ["prefill_request", *DESCRIPTOR_INPUTS],
+                           self.service.engine.submit, self._serve, "llm_prefill")
         return None
 
     async def _serve(self, inputs, channel):
-        raw = input_string(inputs["prefill_request"], "prefill_request")
-        request = parse_stage(PrefillRequest, raw or "", "prefill_request")
-        request.embeddings += [parse_descriptor(e) for e in input_strings(inputs["embeddings"], "embeddings")]
+        request = parse_stage(PrefillRequest, input_string(inputs["prefill_request"], "prefill_request") or "",
+                              "prefill_request")
+        for name in DESCRIPTOR_INPUTS:
+            request.embeddings += input_strings(inputs[name], name)
         result = await self.service.run(request)
-        outputs = [
-            pb_utils.Tensor("prefill_result", np.array([result.model_dump_json().encode()], dtype=np.object_)),
-            pb_utils.Tensor("decode_request", np.array(
-                [decode_request_for(request, result).model_dump_json().encode()], dtype=np.object_)),
-        ]
-        channel.send_final(pb_utils.InferenceResponse(output_tensors=outputs))
+        channel.send_final(pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("prefill_result", _string(result.model_dump_json())),
+            pb_utils.Tensor("decode_request", _string(decode_request_for(request, result).model_dump_json())),
+        ]))
 
     def finalize(self):
         self.metrics.stop()

@@ -1,8 +1,14 @@
-"""Wire schemas between the pipeline's own models (encoder → prefill → decode), and their integrity check.
+"""The stage wire: typed messages between the pipeline's own models (encoder → prefill → decode), and their
+integrity check.
 
-These travel as JSON in TYPE_STRING tensors. They are internal: ``kv_transfer_params`` in particular must only
-ever come from our own prefill (a forged one can kill the decode engine), so prefill signs what it hands to
-decode with a secret shared by the server's models, and decode refuses anything unsigned or altered.
+These travel as JSON in TYPE_STRING tensors. Each model parses what it receives once, at its edge, into these
+types; the pipeline code passes the types on. Embeddings themselves travel by NIXL
+(:class:`mmtriton.transfer.EmbeddingDescriptor`, one JSON string per item, parsed once by prefill); what prefill
+and decode need of an item besides its values is a :class:`MediaLayout`.
+
+They are internal: ``kv_transfer_params`` in particular must only ever come from our own prefill (a forged one
+can kill the decode engine), so prefill signs what it hands to decode with a secret shared by the server's
+models, and decode refuses anything unsigned or altered.
 """
 
 from __future__ import annotations
@@ -13,30 +19,47 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmtriton.protocol import InvalidInput, SamplingOptions
 from mmtriton.settings import cache_dir
 
+MediaKind = Literal["image", "audio", "video"]
 
-class MediaLayout(BaseModel):
-    """What decode needs of one media item to rebuild positions (Qwen2-VL M-RoPE): shape and grid, no data."""
+
+class MediaPlacement(BaseModel):
+    """What an encoder says of one item besides its values (it rides in the embedding descriptor's ``extra``):
+    its kind, and the per-modality fields vLLM needs to place it."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: str = "image"
+    kind: MediaKind
+    # Qwen2-VL images and videos: the [t, h, w] patch grid (M-RoPE positions). None for audio.
+    grid_thw: tuple[int, int, int] | None = None
+
+
+class MediaLayout(MediaPlacement):
+    """What prefill and decode need of one media item: placement and shape, no data. Decode rebuilds the
+    prompt's positions from it (Qwen2-VL M-RoPE) and gets the values' effect through prefill's KV."""
+
     num_tokens: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
     dtype: str = "float32"
-    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+def parse_placement(extra: dict[str, Any], what: str) -> MediaPlacement:
+    try:
+        return MediaPlacement.model_validate(extra)
+    except ValidationError as exc:
+        raise InvalidInput(f"{what}: {exc.errors()[0]['msg']} ({exc.errors()[0]['loc']})") from exc
 
 
 class PrefillRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
-    # EmbeddingDescriptor JSON objects from the encoder, in prompt order.
-    embeddings: list[dict[str, Any]] = Field(default_factory=list)
+    # EmbeddingDescriptor JSON strings from the encoders, in prompt order within each kind (parsed by prefill).
+    embeddings: list[str] = Field(default_factory=list)
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
     # Carried through to the decode request prefill hands on (the ensemble has no other way to pass it).
     stream: bool = False
@@ -46,7 +69,6 @@ class PrefillResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kv_transfer_params: dict[str, Any]
     num_input_tokens: int
-    first_token_id: int
     media: list[MediaLayout] = Field(default_factory=list)
     signature: str = ""
 

@@ -1,0 +1,127 @@
+"""multimodal_bls's Triton side: the Orchestrator's stage calls as BLS requests, llm_decode's responses forwarded.
+
+The orchestration itself is plain Python (mmtriton.disagg.Orchestrator); this module turns its calls into
+``pb_utils.InferenceRequest``s and carries errors back with their class (Triton 2.51 loses the code through BLS:
+mmtriton.protocol.error_class recovers it from the text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from mmtriton import triton_io
+from mmtriton.disagg import Orchestrator
+from mmtriton.engine import EngineDead
+from mmtriton.lifetime import ReleaseLater
+from mmtriton.protocol import INPUTS, OUTPUTS, InvalidInput, MediaItem, error_class, parse_request
+from mmtriton.wire import DecodeRequest, PrefillRequest, PrefillResult, parse_stage
+
+INPUT_NAMES = [i["name"] for i in INPUTS]
+
+
+def string_tensor(name: str, values: list[str], batched: bool = False):
+    array = np.array([v.encode() for v in values], dtype=np.object_)
+    return pb_utils.Tensor(name, array.reshape(1, -1) if batched else array)
+
+
+def raise_for(response, stage: str) -> None:
+    """A stage's error response → our exception of the same class (client error, unavailable, internal)."""
+    if response.has_error():
+        error = response.error()
+        kind, message = error_class(error.message())
+        if kind == "invalid_input" or error.code() == pb_utils.TritonError.INVALID_ARG:
+            raise InvalidInput(message)
+        if kind == "unavailable" or error.code() == pb_utils.TritonError.UNAVAILABLE:
+            raise EngineDead(f"{stage}: {message}")
+        raise RuntimeError(f"{stage}: {message or 'failed without a message'}")
+
+
+def forward(responses, channel: triton_io.ResponseChannel) -> None:
+    """llm_decode's responses to the client as they come; the last one carries the FINAL flag."""
+    held = None  # one response held back, so the last one can carry the FINAL flag
+    for response in responses:
+        raise_for(response, "llm_decode")
+        if channel.is_cancelled():
+            if hasattr(responses, "cancel"):
+                responses.cancel()
+            channel.finish_cancelled()
+            return
+        if not response.output_tensors():
+            continue  # the empty final-flag response
+        if held is not None:
+            channel.send(held)
+        held = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
+    if held is None:
+        raise RuntimeError("llm_decode sent no output")
+    channel.send_final(held)
+
+
+class BlsModel:
+    """multimodal_bls: the public contract served by the encoders → llm_prefill → llm_decode through BLS."""
+
+    def initialize(self, args):
+        self.settings = triton_io.load_settings(args)
+        self.timeout_us = int(self.settings.stage_timeout_s * 1e6)
+        self.responses = triton_io.ResponseThread(pb_utils.Logger)
+        self.loop = triton_io.EventLoopThread("multimodal_bls-loop")
+        self.orchestrator = Orchestrator(self.settings, self.encode, self.prefill)
+        # Finished decoupled BLS iterators stay referenced here until the stub's own cleanup thread has let go
+        # of them (see mmtriton.lifetime.ReleaseLater).
+        self.released_late = ReleaseLater(delay_s=10.0)
+
+    def execute(self, requests):
+        triton_io.dispatch(requests, self.responses, INPUT_NAMES, self.loop.submit, self.serve, "multimodal_bls")
+        return None
+
+    async def serve(self, inputs, channel):
+        await self.orchestrator.run(
+            parse_request(inputs, self.settings),
+            decode=lambda decode_request: asyncio.to_thread(self.decode, decode_request, channel),
+        )
+
+    async def encode(self, kind: str, items: list[MediaItem]) -> list[str]:
+        stage = f"encoder_{kind}"
+        request = pb_utils.InferenceRequest(
+            model_name=stage,
+            # [1, items]: the encoders batch requests.
+            inputs=[string_tensor(f"{kind}_url", [i.url for i in items], batched=True),
+                    string_tensor(f"{kind}_label", [i.where for i in items], batched=True)],
+            requested_output_names=["embeddings"], timeout=self.timeout_us,
+        )
+        response = await request.async_exec()
+        raise_for(response, stage)
+        raw = pb_utils.get_output_tensor_by_name(response, "embeddings").as_numpy().reshape(-1)
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+
+    async def prefill(self, prefill_request: PrefillRequest) -> PrefillResult:
+        request = pb_utils.InferenceRequest(
+            model_name="llm_prefill", inputs=[string_tensor("prefill_request", [prefill_request.model_dump_json()])],
+            requested_output_names=["prefill_result"], timeout=self.timeout_us,
+        )
+        # llm_prefill is not decoupled on purpose: a plain BLS response is only ever freed by Python, while a
+        # decoupled one can be freed by the stub's C++ cleanup thread without the GIL (see ReleaseLater).
+        response = await request.async_exec()
+        raise_for(response, "llm_prefill")
+        tensor = pb_utils.get_output_tensor_by_name(response, "prefill_result")
+        if tensor is None:
+            raise RuntimeError("llm_prefill answered without a result")
+        return parse_stage(PrefillResult, tensor.as_numpy().reshape(-1)[0], "prefill_result")
+
+    def decode(self, decode_request: DecodeRequest, channel: triton_io.ResponseChannel) -> None:
+        """Forward llm_decode's responses as they come (blocking iterator: runs in a worker thread)."""
+        request = pb_utils.InferenceRequest(
+            model_name="llm_decode", inputs=[string_tensor("decode_request", [decode_request.model_dump_json()])],
+            requested_output_names=[o["name"] for o in OUTPUTS], timeout=self.timeout_us,
+        )
+        responses = request.exec(decoupled=True)
+        try:
+            forward(responses, channel)
+        finally:
+            self.released_late.hold(responses)
+
+    def finalize(self):
+        self.loop.stop()
+        self.responses.stop()
