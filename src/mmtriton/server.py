@@ -14,12 +14,14 @@ import argparse
 import filecmp
 import importlib.util
 import os
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmtriton.settings import repo_root
+from mmtriton.supervisor import StubSupervisor, TritonRepository, ensemble_dependents, list_stubs
 
 
 class ServerError(RuntimeError):
@@ -81,9 +84,18 @@ class ServerConfig:
     metrics_port: int = 8002
     log_file: Path | None = None
     log_verbose: int = 0
-    # Load only these models (explicit model control); None loads the whole repository.
+    # Load only these models; None loads every model directory of the repository. Model control is always
+    # explicit, so the repository API (load/unload) works: the stub supervisor reloads models through it.
     models: list[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Seconds tritonserver waits at shutdown for in-flight requests and open connections, then for models to
+    # unload (its default, 60, made Ctrl-C take ~65 s with a client connected).
+    exit_timeout_s: int = 5
+    # Watch the stubs and reload a model whose stub died (mmtriton.supervisor); started once the server is ready.
+    supervise_stubs: bool = True
+
+    def model_names(self) -> list[str]:
+        return list(self.models) if self.models is not None else repository_models(self.model_repository)
 
     @property
     def http_url(self) -> str:
@@ -92,6 +104,41 @@ class ServerConfig:
     @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+
+def repository_models(repository: Path) -> list[str]:
+    """Every model directory (one with a config.pbtxt) of ``repository``."""
+    return sorted(p.parent.name for p in repository.glob("*/config.pbtxt")) if repository.is_dir() else []
+
+
+# Errors tritonserver logs on every CPU-only start: never the reason it stopped.
+_BENIGN_ERRORS = ("CudaDriverHelper has not been initialized", "unable to create stream for")
+_LOG_LINE = re.compile(r'^([EWI])\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "?(.*?)"?$')
+
+
+def first_log_error(text: str) -> str | None:
+    """The first real error of a tritonserver log: a model that failed to load (with the model.py line its
+    traceback points at), else the first other E-line that is not CPU-only noise, else tritonserver's own
+    ``error: ...`` line. Not what comes after, such as a stub's segfault backtrace during the shutdown."""
+    lines = text.splitlines()
+    errors: list[str] = []
+    for line in lines:
+        m = _LOG_LINE.match(line)
+        if not m or m.group(1) != "E":
+            continue
+        # Triton 2.51 quotes each message and escapes its newlines.
+        message = m.group(2).replace("\\n", "\n").replace('\\"', '"')
+        if any(noise in message for noise in _BENIGN_ERRORS):
+            continue
+        errors.append(message)
+    failed = [e for e in errors if e.startswith("failed to load")]
+    chosen = failed[0] if failed else (errors[0] if errors else None)
+    if chosen is None:
+        return next((ln for ln in lines if ln.startswith("error: ")), None)
+    head, _, trace = chosen.partition("\n\nAt:\n")
+    frames = [f.strip() for f in trace.splitlines() if f.strip()]
+    # The innermost frame is the first one listed (python_backend prints "At:" innermost first).
+    return head.strip() + (f" (at {frames[0]})" if frames else "")
 
 
 def stop_process_group(proc: subprocess.Popen, timeout_s: float, *, interrupt_group: bool) -> None:
@@ -123,6 +170,8 @@ class TritonServer:
         self.config = config
         self.process: subprocess.Popen | None = None
         self._log_handle = None
+        # Set once the server is ready (wait_ready), when config.supervise_stubs.
+        self.supervisor: StubSupervisor | None = None
 
     def command(self) -> list[str]:
         home = triton_home()
@@ -141,12 +190,11 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=true",
             f"--log-verbose={c.log_verbose}",
-            # Engines can take minutes to start on 2 cores; the server must not give up on them.
-            "--exit-timeout-secs=60",
+            # Shutdown only: how long to wait for in-flight requests / connections and model unloads.
+            f"--exit-timeout-secs={c.exit_timeout_s}",
+            "--model-control-mode=explicit",
         ]
-        if c.models is not None:
-            cmd.append("--model-control-mode=explicit")
-            cmd += [f"--load-model={m}" for m in c.models]
+        cmd += [f"--load-model={m}" for m in c.model_names()]
         return cmd
 
     def start(self) -> None:
@@ -181,8 +229,10 @@ class TritonServer:
         last_report = t0
         while True:
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.process.returncode}\n{self.log_tail()}")
+                raise ServerError(self._start_failure())
             if self.is_ready():
+                if self.config.supervise_stubs and self.supervisor is None:
+                    self.start_supervisor()
                 return time.monotonic() - t0
             now = time.monotonic()
             if now - t0 > timeout_s:
@@ -192,6 +242,35 @@ class TritonServer:
                 last_report = now
                 print(f"  … waiting for models to load ({now - t0:.0f} s): {self._last_log_line()}", flush=True)
             time.sleep(0.5)
+
+    def start_supervisor(self, log=None) -> StubSupervisor:
+        """Watch this server's stubs; a model whose stub dies is reloaded (see mmtriton.supervisor)."""
+        assert self.process is not None, "start() first"
+        if self.supervisor is None:
+            server_pid = self.process.pid
+            self.supervisor = StubSupervisor(
+                list_stubs=lambda: list_stubs(server_pid),
+                repository=TritonRepository(self.config.http_url),
+                dependents=ensemble_dependents(self.config.model_repository),
+                log=log or (lambda message: print(message, file=sys.stderr, flush=True)),
+            )
+            self.supervisor.start()
+        return self.supervisor
+
+    def _start_failure(self) -> str:
+        """Why the server stopped during its start: the first real error of the log, then the log up to it."""
+        code = self.process.returncode if self.process else None
+        text = self.config.log_file.read_text(errors="replace") if self.config.log_file else ""
+        error = first_log_error(text)
+        if error is None:
+            return f"tritonserver exited with code {code}\n{self.log_tail()}"
+        lines = text.splitlines()
+        # The log up to that error: what follows it (unloads, a stub's segfault backtrace) is its consequence.
+        marker = error.split("\n", 1)[0][:60]
+        upto = next((i for i, ln in enumerate(lines) if marker in ln.replace("\\n", "\n")), len(lines) - 1)
+        context = "\n".join(["---- tritonserver log tail ----", *lines[max(0, upto - 15):upto + 1]])
+        return (f"tritonserver exited with code {code} during start: {error}\n"
+                f"(whole log: {self.config.log_file})\n{context}")
 
     def log_tail(self, lines: int = 60) -> str:
         if not self.config.log_file or not self.config.log_file.exists():
@@ -203,14 +282,19 @@ class TritonServer:
         tail = self.log_tail(1).splitlines()
         return tail[-1][:160] if len(tail) > 1 else ""
 
-    def stop(self, timeout_s: float = 90.0) -> int | None:
+    def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGINT to tritonserver (graceful: models' finalize shuts their engines down), then SIGKILL to the
-        whole group after the timeout. Not SIGINT to the group: engine processes would die under their models,
-        whose watchdogs would then restart them during the shutdown."""
+        whole group after ``timeout_s`` (default: its exit timeout + 5 s). Not SIGINT to the group: engine
+        processes would die under their models, whose watchdogs would then restart them during the shutdown.
+        The supervisor stops first, so the stubs' exit is not taken for a crash."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         proc, self.process = self.process, None
         if proc is None:
             return None
-        stop_process_group(proc, timeout_s, interrupt_group=False)
+        stop_process_group(proc, self.config.exit_timeout_s + 5 if timeout_s is None else timeout_s,
+                           interrupt_group=False)
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None
@@ -279,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"Starting tritonserver (log: {config.log_file or repo_root() / 'logs' / 'tritonserver.log'}) …", flush=True)
     server.start()
+    config.supervise_stubs = False  # started below with a log that goes to this terminal
     stopping = False
 
     def _on_signal(signum, _frame):
@@ -293,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     try:
         waited = server.wait_ready(args.timeout, progress=True)
+        server.start_supervisor(log=lambda message: print(message, flush=True))
         if openai is not None:
             openai.start()
             openai.wait_ready()
@@ -308,9 +394,15 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     finally:
-        if openai is not None:
-            openai.stop()
+        if server.supervisor is not None and server.supervisor.stats():
+            print(f"Stub restarts: {server.supervisor.stats()}", flush=True)
+        # Both at once: each may take its whole grace period with clients still connected.
+        stopping_openai = threading.Thread(target=openai.stop) if openai is not None else None
+        if stopping_openai is not None:
+            stopping_openai.start()
         server.stop()
+        if stopping_openai is not None:
+            stopping_openai.join()
 
 
 def _ready_banner(c: ServerConfig, waited: float, openai_url: str | None) -> str:
