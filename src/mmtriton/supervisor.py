@@ -295,7 +295,7 @@ class StubSupervisor:
             except RepositoryError as exc:
                 with self._lock:
                     recovery.failed_attempts += 1
-                self.log(f"[supervisor] reloading {model} failed ({exc}); next try in {delay:.0f} s")
+                self.log(f"[supervisor] reloading {model} failed ({exc}); next try in {delay:g} s")
                 if self._stop.wait(delay):
                     break
                 delay = min(delay * 2, self.backoff_s[1])
