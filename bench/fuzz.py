@@ -90,6 +90,7 @@ class Hang(BaseException):  # noqa: N818 - a BaseException so the decoders' `exc
 # ------------------------------------------------------------------------------------------ generic strategies
 
 
+@functools.cache  # built once: hypothesis validates a strategy each time one is built
 def json_values(max_leaves: int = 8) -> st.SearchStrategy[Any]:
     """Any JSON value, with the numbers that break naive code: huge ints, NaN, ±inf, -0.0."""
     scalars = st.one_of(
@@ -102,16 +103,18 @@ def json_values(max_leaves: int = 8) -> st.SearchStrategy[Any]:
     )
 
 
+@functools.cache
 def deep_nesting() -> st.SearchStrategy[str]:
     """Deeply nested JSON, closed or not: json.loads raises RecursionError past ~1000 levels."""
     return st.builds(
         lambda depth, opener, closed: opener[0] * depth + (("1" + opener[1] * depth) if closed else ""),
-        st.integers(1, 50_000),
+        st.integers(1, 20_000),
         st.sampled_from([("[", "]"), ('{"a":', "}"), ('[{"role":"user","content":', "}]")]),
         st.booleans(),
     )
 
 
+@functools.cache
 def huge_numbers() -> st.SearchStrategy[str]:
     """Integer literals past Python's 4300-digit int() limit (json.loads raises a plain ValueError)."""
     return st.builds(
@@ -137,6 +140,7 @@ def mutated_text(draw: st.DrawFn, text: str) -> str:
     return text
 
 
+@functools.cache
 def json_texts(values: st.SearchStrategy[Any]) -> st.SearchStrategy[str]:
     """Dumped values (both ASCII-escaped and raw), near-valid variants, and raw text / nesting / numbers."""
     dumped = st.builds(lambda v, ascii_only: json.dumps(v, ensure_ascii=ascii_only), values, st.booleans())
@@ -148,6 +152,7 @@ def encoded(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+@functools.cache
 def string_tensors(texts: st.SearchStrategy[str]) -> st.SearchStrategy[np.ndarray]:
     """Triton-style BYTES tensors of ``texts`` in odd shapes, plus arrays of other dtypes."""
     element = st.one_of(texts.map(encoded), texts.map(encoded), texts, st.binary(max_size=32))
@@ -171,6 +176,7 @@ def string_tensors(texts: st.SearchStrategy[str]) -> st.SearchStrategy[np.ndarra
 # -------------------------------------------------------------------------------------------- URL strategies
 
 
+@functools.cache
 def base64_payloads() -> st.SearchStrategy[str]:
     valid = st.binary(max_size=96).map(lambda b: base64.b64encode(b).decode())
     return st.one_of(
@@ -183,6 +189,7 @@ def base64_payloads() -> st.SearchStrategy[str]:
     )
 
 
+@functools.cache
 def valid_data_uris(kinds: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[str]:
     """Well-formed base64 data: URIs (of ``kinds``), so the fuzzing also reaches the accepting paths."""
     return st.builds(lambda kind, subtype, data: f"data:{kind}/{subtype};base64,{base64.b64encode(data).decode()}",
@@ -190,6 +197,7 @@ def valid_data_uris(kinds: st.SearchStrategy[str] | None = None) -> st.SearchStr
                      st.binary(max_size=96))
 
 
+@functools.cache
 def data_uris() -> st.SearchStrategy[str]:
     mimes = st.one_of(
         st.sampled_from(["image/png", "image/jpeg", "audio/wav", "audio/mpeg", "video/mp4", "text/plain",
@@ -209,6 +217,7 @@ def data_uris() -> st.SearchStrategy[str]:
     return st.one_of(odd, odd, valid_data_uris())
 
 
+@functools.cache
 def hosts() -> st.SearchStrategy[str]:
     return st.one_of(
         st.ip_addresses(v=4).map(str),
@@ -226,6 +235,7 @@ def hosts() -> st.SearchStrategy[str]:
     )
 
 
+@functools.cache
 def urls() -> st.SearchStrategy[str]:
     """Structured URLs (any scheme, userinfo, host, port, path, query, fragment) and raw text."""
     structured = st.builds(
@@ -250,11 +260,13 @@ def urls() -> st.SearchStrategy[str]:
 # --------------------------------------------------------------------------------------- request strategies
 
 
+@functools.cache
 def media_urls() -> st.SearchStrategy[str]:
     # http(s) URLs appear here only as strings: parse_request does not fetch.
     return st.one_of(data_uris(), urls(), st.just(""), st.just("data:image/png;base64,iVBORw0KGgo="))
 
 
+@functools.cache
 def content_parts() -> st.SearchStrategy[Any]:
     text_part = st.fixed_dictionaries({"type": st.just("text"), "text": ANY_TEXT | json_values()})
     url_values = media_urls() | json_values(4)
@@ -280,6 +292,7 @@ def content_parts() -> st.SearchStrategy[Any]:
                      input_audio, odd_part, json_values(3))
 
 
+@functools.cache
 def valid_messages() -> st.SearchStrategy[list[dict[str, Any]]]:
     """Well-formed messages (text and media parts), so the accepting paths are fuzzed too."""
     part = st.one_of(
@@ -294,6 +307,7 @@ def valid_messages() -> st.SearchStrategy[list[dict[str, Any]]]:
     return st.lists(message, min_size=1, max_size=4)
 
 
+@functools.cache
 def chat_messages() -> st.SearchStrategy[Any]:
     """Near-valid OpenAI messages: mostly well-formed lists, with random parts, roles and stray values."""
     role = st.one_of(st.sampled_from(["system", "user", "assistant"]), st.sampled_from(["user", "tool", ""]),
@@ -306,6 +320,7 @@ def chat_messages() -> st.SearchStrategy[Any]:
                      st.lists(message | missing_key, max_size=4), json_values())
 
 
+@functools.cache
 def sampling_dicts() -> st.SearchStrategy[dict[str, Any]]:
     keys = st.sampled_from(sorted(SamplingOptions.model_fields)) | ANY_TEXT
     values = st.one_of(
@@ -315,21 +330,27 @@ def sampling_dicts() -> st.SearchStrategy[dict[str, Any]]:
     return st.dictionaries(keys, values, max_size=6)
 
 
+@functools.cache
 def messages_texts() -> st.SearchStrategy[str]:
     return json_texts(chat_messages())
 
 
+@functools.cache
 def sampling_texts() -> st.SearchStrategy[str]:
     return json_texts(sampling_dicts() | json_values())
+
+
+@functools.cache
+def stream_tensors() -> st.SearchStrategy[np.ndarray]:
+    return hnp.arrays(st.sampled_from([np.bool_, np.int8, np.float32, np.dtype("S5")]),
+                      hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=2))
 
 
 @st.composite
 def request_tensors(draw: st.DrawFn) -> dict[str, np.ndarray | None]:
     """parse_request's input mapping: every input present, absent or None, of any content, dtype and shape."""
-    texts: dict[str, st.SearchStrategy[str]] = {
-        "text_input": ANY_TEXT, "messages": messages_texts(), "sampling_parameters": sampling_texts(),
-        "image_url": media_urls(), "audio_url": media_urls(), "video_url": media_urls(),
-    }
+    texts = {"text_input": ANY_TEXT, "messages": messages_texts(), "sampling_parameters": sampling_texts(),
+             "image_url": media_urls(), "audio_url": media_urls(), "video_url": media_urls()}
     inputs: dict[str, np.ndarray | None] = {}
     for spec in INPUTS:
         name = spec["name"]
@@ -338,10 +359,9 @@ def request_tensors(draw: st.DrawFn) -> dict[str, np.ndarray | None]:
             inputs[name] = None
         elif presence == "value":
             if name == "stream":
-                inputs[name] = draw(hnp.arrays(st.sampled_from([np.bool_, np.int8, np.float32, np.dtype("S5")]),
-                                               hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=2)))
+                inputs[name] = draw(stream_tensors())
             else:
-                inputs[name] = draw(string_tensors(texts.get(name, ANY_TEXT)))
+                inputs[name] = draw(string_tensors(texts[name]))
     if draw(st.booleans()):
         inputs["unknown_input"] = draw(string_tensors(ANY_TEXT))
     return inputs
@@ -351,6 +371,7 @@ def one_string(text: str) -> np.ndarray:
     return np.array([encoded(text)], dtype=object)
 
 
+@functools.cache
 def messages_request() -> st.SearchStrategy[dict[str, np.ndarray | None]]:
     """A messages JSON text (the focus), sometimes with *_url tensors beside it (refused as ambiguous)."""
     return st.builds(
@@ -359,11 +380,13 @@ def messages_request() -> st.SearchStrategy[dict[str, np.ndarray | None]]:
     )
 
 
+@functools.cache
 def sampling_request() -> st.SearchStrategy[dict[str, np.ndarray | None]]:
     return st.builds(lambda raw: {"text_input": one_string("describe"), "sampling_parameters": one_string(raw)},
                      sampling_texts())
 
 
+@functools.cache
 def openai_bodies() -> st.SearchStrategy[bytes]:
     """Bodies of POST /v1/chat/completions: near-valid requests, then any JSON, then any bytes."""
     values = st.one_of(st.integers(-3, 5000), st.integers(-(2**70), 2**70),
@@ -476,6 +499,7 @@ def video_samples() -> tuple[bytes, ...]:
 EXTREME_INTS = [0, 1, 2, 7, 255, 4096, 4097, 65535, 65536, 2**24 - 1, 2**31 - 1, 2**31, 2**32 - 1]
 
 
+@functools.cache
 def field_values(bits: int) -> st.SearchStrategy[int]:
     limit = 2**bits - 1
     return st.sampled_from([min(v, limit) for v in EXTREME_INTS]) | st.integers(0, limit)
@@ -661,6 +685,7 @@ def call_parse_request(inputs: dict[str, np.ndarray | None]) -> Any:
     return parse_request(inputs, DEFAULT_SETTINGS)
 
 
+@functools.cache
 def data_uri_examples() -> st.SearchStrategy[tuple[str, str, int]]:
     """(url, kind expected, max_bytes): odd data: URIs, other non-http schemes, and valid URIs of the kind."""
     not_http = (data_uris() | urls()).filter(lambda u: u.split(":", 1)[0].strip().lower() not in HTTP_SCHEMES)
@@ -700,6 +725,7 @@ def media_dir() -> str:
     return str(allowed)
 
 
+@functools.cache
 def file_urls() -> st.SearchStrategy[str]:
     segment = st.one_of(
         st.sampled_from(["a.png", "a.png", "sub", "link_out", "..", ".", "", "%2e%2e", "%00", "\x00", "a" * 300,
