@@ -23,16 +23,14 @@ import argparse
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 from vllm_server import TINY_MODEL_ARGS, VllmOpenAIServerProcess  # noqa: E402
 
-from conftest import free_port  # noqa: E402
+from mmtriton.testing import free_port  # noqa: E402
 
 MODEL = "multimodal_agg"
 

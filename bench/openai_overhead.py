@@ -18,12 +18,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from client import GrpcStreamClient, RequestInputs, chat_messages  # noqa: E402
-from conftest import free_port, pattern_image, png_bytes  # noqa: E402
 from mmtriton.openai_server import OpenAIServerConfig, OpenAIServerProcess  # noqa: E402
 from mmtriton.server import ServerConfig, TritonServer  # noqa: E402
+from mmtriton.testing import free_port, pattern_image, png_bytes  # noqa: E402
 from mmtriton.tiny_models import ensure_tiny_models  # noqa: E402
 
 MAX_TOKENS = 24

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import pattern_image  # noqa: E402
+from mmtriton.testing import pattern_image  # noqa: E402
 
 
 def idle_cpu(seconds: float = 3.0) -> dict[int, float]:

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from conftest import pattern_image, png_bytes  # noqa: E402
+from mmtriton.testing import pattern_image, png_bytes  # noqa: E402
 
 PROMPT = "Describe the image."
 

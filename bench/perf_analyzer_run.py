@@ -26,9 +26,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perf_analyzer_inputs import add_arguments, entries_from_args, write_input_data  # noqa: E402 (puts tests/ on the path)
+from perf_analyzer_inputs import add_arguments, entries_from_args, write_input_data  # noqa: E402
 
-from conftest import bench_server_config  # noqa: E402
+from mmtriton.testing import bench_server_config  # noqa: E402
 
 PERF_ANALYZER = ROOT / ".venv" / "perf_analyzer" / "perf_analyzer"
 STAGES = ["preprocess", "encoder_image", "llm_prefill", "llm_decode"]  # what multimodal / multimodal_bls call

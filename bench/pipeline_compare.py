@@ -23,14 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from vllm_server import TINY_MODEL_ARGS, VllmOpenAIServerProcess  # noqa: E402
 
 from client import GrpcStreamClient, build_inputs  # noqa: E402
-from conftest import bench_server_config, free_port, pattern_image, png_bytes  # noqa: E402
 from mmtriton.openai_server import OpenAIServerConfig, OpenAIServerProcess  # noqa: E402
 from mmtriton.server import TritonServer  # noqa: E402
+from mmtriton.testing import bench_server_config, free_port, pattern_image, png_bytes  # noqa: E402
 from mmtriton.tiny_models import ensure_tiny_models  # noqa: E402
 
 PROMPT = "Describe the image."

@@ -19,11 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from client import GrpcStreamClient, build_inputs  # noqa: E402
-from conftest import bench_server_config, pattern_image, png_bytes  # noqa: E402
 from mmtriton.server import TritonServer  # noqa: E402
+from mmtriton.testing import bench_server_config, pattern_image, png_bytes  # noqa: E402
 from mmtriton.tiny_models import ensure_tiny_models  # noqa: E402
 
 

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import functools
 import http.server
-import io
 import os
-import re
-import socket
 import sys
 import threading
 import time
-import urllib.request
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+# Re-exported: test modules import these from conftest; bench scripts import mmtriton.testing directly.
+from mmtriton.testing import (  # noqa: F401
+    PIPELINE_MODELS,
+    bench_server_config,
+    free_port,
+    metric,
+    metric_value,
+    metrics_text,
+    pattern_image,
+    png_bytes,
+    tone,
+    wav_bytes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the client package
@@ -26,54 +34,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 MAX_MODEL_LEN = 4096  # the server's default (mmtriton.settings); offline engines use the same
-
-
-def pattern_image(width: int, height: int, seed: int):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([(x * 3 + seed) % 256, (y * 5) % 256, ((x + y) * 7) % 256], -1)
-    noise = rng.integers(0, 40, size=base.shape)
-    return Image.fromarray(((base + noise) % 256).astype(np.uint8))
-
-
-def png_bytes(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
-def tone(seconds: float = 1.0, rate: int = 16000) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (0.4 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1234 * t)).astype(np.float32)
-
-
-def metric(server, name: str, item: str, model: str) -> float:
-    """A custom gauge from the server's :8002-style metrics endpoint, by its model and item labels."""
-    c = server.config
-    with urllib.request.urlopen(f"http://{c.host}:{c.metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    for labels, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
-        if f'item="{item}"' in labels and f'model="{model}"' in labels:
-            return float(value)
-    raise AssertionError(f"{name}{{model={model}, item={item}}} not exported")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -116,21 +76,6 @@ def media_http(media_dir):
     thread.start()
     yield server
     server.shutdown()
-
-
-PIPELINE_MODELS = ["multimodal_agg", "encoder_image", "encoder_audio", "llm_prefill", "llm_decode", "multimodal_bls",
-                   "preprocess", "multimodal"]
-
-
-def bench_server_config(model: str, log_name: str, models: list[str] | None = None):
-    """A tritonserver for a benchmark script: free ports (KV side channels too), ``model`` as MMT_MODEL, the
-    pipeline's models unless ``models`` says otherwise, its log in logs/``log_name``."""
-    from mmtriton.server import ServerConfig
-
-    return ServerConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                        models=PIPELINE_MODELS if models is None else models, log_file=ROOT / "logs" / log_name,
-                        env={"MMT_MODEL": str(model), "MMT_PREFILL_KV_PORT": str(free_port()),
-                             "MMT_DECODE_KV_PORT": str(free_port())})
 
 
 # At most one pipeline server runs at a time (each holds three vLLM engines, ~10 GB): starting one stops the
