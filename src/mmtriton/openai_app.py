@@ -122,6 +122,8 @@ async def _read_request(request, max_body_bytes: int) -> ChatCompletionRequest:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OpenAIError(400, f"request body is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # a 4300+-digit integer; deep nesting (bench/fuzz.py found both)
+        raise OpenAIError(400, f"request body is not acceptable JSON: {type(exc).__name__}") from exc
     if not isinstance(data, dict):
         raise OpenAIError(400, "request body must be a JSON object")
     try:

@@ -97,13 +97,21 @@ class GenerateRequest:
     stream: bool = False
 
 
+def _json(raw: str, name: str) -> Any:
+    """JSON from a client. Besides syntax errors, json.loads raises a plain ValueError for an integer of more
+    than 4300 digits and RecursionError for deep nesting (found by bench/fuzz.py): all the client's input."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{name} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"{name} is not acceptable JSON: {type(exc).__name__}: {str(exc)[:120]}") from exc
+
+
 def parse_sampling_parameters(raw: str | None, settings: Settings) -> SamplingOptions:
     if raw is None or not raw.strip():
         return SamplingOptions()
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"sampling_parameters is not valid JSON: {exc}") from exc
+    data = _json(raw, "sampling_parameters")
     if not isinstance(data, dict):
         raise InvalidInput("sampling_parameters must be a JSON object")
     try:
@@ -150,10 +158,7 @@ def input_string(array: np.ndarray | None, name: str) -> str | None:
 
 def _parse_messages(raw: str) -> tuple[list[dict[str, Any]], list[MediaItem]]:
     """OpenAI chat messages → template-ready messages (media parts typed) + media items in order."""
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"messages is not valid JSON: {exc}") from exc
+    data = _json(raw, "messages")
     if not isinstance(data, list) or not data:
         raise InvalidInput("messages must be a non-empty JSON array of {role, content} objects")
     messages: list[dict[str, Any]] = []
@@ -181,6 +186,8 @@ def _parse_part(part: Any, where: str, media: list[MediaItem]) -> dict[str, Any]
     if not isinstance(part, dict) or "type" not in part:
         raise InvalidInput(f"{where} must be an object with a 'type'")
     kind = part["type"]
+    if not isinstance(kind, str):
+        raise InvalidInput(f"{where}.type must be a string, got {type(kind).__name__}")
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise InvalidInput(f"{where}.text must be a string")
