@@ -87,13 +87,19 @@ def main(argv: list[str] | None = None) -> int:
                 responses = iter([generate_http(args.url, args.model, inputs, timeout_s=args.timeout)])
             else:
                 responses = stream_http(args.url, args.model, inputs, timeout_s=args.timeout)
-        for response in responses:
+        last = None
+        for last in responses:
             if args.json:
-                print(json.dumps(response.get("raw", response)), flush=True)
+                print(json.dumps(last.get("raw", last)), flush=True)
             else:
-                print(response["text_output"], end="", flush=True)
+                print(last["text_output"], end="", flush=True)
         if not args.json:
             print()
+        # A server must answer a failure with an error; an answer that ends otherwise is one all the same.
+        reason = (last or {}).get("finish_reason", "")
+        if last is None or reason in ("error", "abort"):
+            print(f"error: the answer ended without success (finish_reason {reason!r})", file=sys.stderr)
+            return 1
         return 0
     except (InferenceFailed, TimeoutError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -70,7 +70,8 @@ def stub_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [libdir, env.get("LD_LIBRARY_PATH", "")] if p)
     env.setdefault("LANG", "C.UTF-8")
     env.setdefault("LC_ALL", "C.UTF-8")
-    # The stub ignores PYTHONPATH for its own start, but model.py files also add src/ themselves.
+    # The stub ignores PYTHONPATH: the venv's mmtriton.pth (bin/setup) puts src/ on its path. PYTHONPATH still
+    # serves processes started from the stub environment with another interpreter.
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(repo_root() / "src"), env.get("PYTHONPATH", "")] if p)
     return env
 
@@ -203,7 +204,7 @@ class TritonServer:
         install_python_stub()
         _check_port_free(self.config.host, [self.config.http_port, self.config.grpc_port, self.config.metrics_port])
         env = stub_environment()
-        # The key our prefill signs KV hand-overs with (mmtriton.stages): fresh for every server.
+        # The key our prefill signs KV hand-overs with (mmtriton.wire): fresh for every server.
         env.setdefault("MMT_PIPELINE_SECRET", secrets.token_hex(32))
         env.update(self.config.env)
         log_file = self.config.log_file or (repo_root() / "logs" / "tritonserver.log")

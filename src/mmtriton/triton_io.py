@@ -1,7 +1,8 @@
 """Triton Python-backend glue: tensors in, responses out, a response thread, errors with the right code.
 
-Only ``model_repository/*/1/model.py`` import this (it needs ``triton_python_backend_utils``, which exists only
-inside the backend stub). Everything it calls into is plain Python.
+Only the models' Triton sides import this (``model_repository/*/1/model.py`` and ``triton_agg`` / ``triton_bls`` /
+``triton_encoder``): it needs ``triton_python_backend_utils``, which exists only inside the backend stub (tests use
+the fake under ``tests/fakes/``). Everything it calls into is plain Python.
 """
 
 from __future__ import annotations
