@@ -17,6 +17,8 @@ from __future__ import annotations
 import io
 import math
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -81,6 +83,25 @@ def audio_cache_key(source_key: str, sample_rate: int) -> str:
 def audio_nbytes(wave: np.ndarray) -> int:
     """Cache cost of a decoded waveform (ByteLRU ``size_of``)."""
     return int(wave.nbytes)
+
+
+@dataclass(frozen=True)
+class AudioDecoder:
+    """MediaDecoder for audio: mono float32 at ``sample_rate``, within [min_seconds, max_seconds]."""
+
+    sample_rate: int
+    max_seconds: float
+    min_seconds: float = 0.0
+    kind: ClassVar[str] = "audio"
+
+    def cache_key(self, source_key: str) -> str:
+        return audio_cache_key(source_key, self.sample_rate)
+
+    def decode(self, data: bytes, where: str) -> np.ndarray:
+        return decode_audio(data, where, self.sample_rate, self.max_seconds, self.min_seconds)
+
+    def nbytes(self, value: np.ndarray) -> int:
+        return audio_nbytes(value)
 
 
 class _MonoAtTargetRate:

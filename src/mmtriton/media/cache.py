@@ -14,11 +14,12 @@ V = TypeVar("V")
 class ByteLRU(Generic[K, V]):
     """``get`` / ``put`` in O(1); evicts the least recently *used* entries until the total fits ``max_bytes``.
 
-    ``size_of(value)`` gives an entry's cost in bytes. A value bigger than the whole budget is not cached (it
-    would evict everything and then itself). Safe to share between threads: every operation holds one lock.
+    ``size_of(value)`` gives an entry's cost in bytes, unless ``put`` is told it (``size=``). A value bigger
+    than the whole budget is not cached (it would evict everything and then itself). Safe to share between
+    threads: every operation holds one lock.
     """
 
-    def __init__(self, max_bytes: int, size_of: Callable[[V], int]):
+    def __init__(self, max_bytes: int, size_of: Callable[[V], int] | None = None):
         self.max_bytes = max(0, int(max_bytes))
         self._size_of = size_of
         # key → (value, size); order = recency, oldest first.
@@ -39,9 +40,15 @@ class ByteLRU(Generic[K, V]):
             self.hits += 1
             return entry[0]
 
-    def put(self, key: K, value: V) -> bool:
-        """Insert or replace; returns False (and drops any old entry for ``key``) when ``value`` is too big."""
-        size = int(self._size_of(value))
+    def put(self, key: K, value: V, size: int | None = None) -> bool:
+        """Insert or replace; returns False (and drops any old entry for ``key``) when ``value`` is too big.
+
+        ``size``: the value's cost when the caller knows it (values of several kinds share one cache)."""
+        if size is None:
+            if self._size_of is None:
+                raise TypeError("ByteLRU.put needs size= when the cache has no size_of")
+            size = self._size_of(value)
+        size = int(size)
         with self._lock:
             self._remove(key)
             if size > self.max_bytes:
