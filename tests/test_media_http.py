@@ -27,12 +27,15 @@ import numpy as np
 import pytest
 
 from conftest import free_port, pattern_image, png_bytes, tone, wav_bytes
-from mmtriton.media import http
-from mmtriton.media import loader as loader_module
+from mmtriton.media import audio as audio_module
+from mmtriton.media import http_client, url_policy
+from mmtriton.media import image as image_module
 from mmtriton.media.cache import ByteLRU
-from mmtriton.media.fetch import read_media_bytes
-from mmtriton.media.http import address_refusal, check_url, fetch_http, fetch_http_sync
+from mmtriton.media.errors import MediaUnavailable
+from mmtriton.media.http_client import fetch_http
 from mmtriton.media.loader import MediaLoader
+from mmtriton.media.policy import MediaPolicy
+from mmtriton.media.url_policy import address_refusal, check_url
 from mmtriton.protocol import InvalidInput, MediaItem
 from mmtriton.settings import Settings
 
@@ -49,6 +52,10 @@ def gif_bytes() -> bytes:
 
 GIF = gif_bytes()
 LOCAL = Settings(allow_loopback_media_urls=True, media_fetch_timeout_s=5.0, media_connect_timeout_s=2.0)
+
+
+def policy(**settings: Any) -> MediaPolicy:
+    return MediaPolicy.from_settings(Settings(**settings))
 
 
 # ------------------------------------------------------------------------------------------- local server
@@ -90,6 +97,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._redirect(302 if hops % 2 else 301, location)
         elif path == "/to":
             self._redirect(302, query["u"][0])
+        elif path.startswith("/status/"):
+            self._send(int(path[8:]), b"upstream says no", "text/plain")
+        elif path == "/drop":
+            self._drop_mid_body()
         elif path == "/no-location":
             self._send(302, b"", "text/plain")
         else:
@@ -115,6 +126,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(PNG[:10])
         self.wfile.flush()
         time.sleep(2.0)
+        self.close_connection = True
+
+    def _drop_mid_body(self) -> None:
+        # Declares the whole PNG, sends 10 bytes, hangs up: a dropped connection, not a slow one.
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PNG)))
+        self.end_headers()
+        self.wfile.write(PNG[:10])
+        self.wfile.flush()
         self.close_connection = True
 
     def _big_declared(self) -> None:
@@ -251,7 +271,7 @@ class FakeDNS:
 
     table: dict[str, list[str] | float] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
-    unpinned: list[str] = field(default_factory=list)  # lookups that bypassed http._getaddrinfo
+    unpinned: list[str] = field(default_factory=list)  # lookups that bypassed http_client._getaddrinfo
 
     async def getaddrinfo(self, host: str, port: int) -> list[str]:
         self.calls.append(host)
@@ -267,12 +287,12 @@ class FakeDNS:
 @pytest.fixture(autouse=True)
 def dns(monkeypatch) -> FakeDNS:
     fake = FakeDNS()
-    monkeypatch.setattr(http, "_getaddrinfo", fake.getaddrinfo)
+    monkeypatch.setattr(http_client, "_getaddrinfo", fake.getaddrinfo)
     real = socket.getaddrinfo
 
     def literals_only(host: Any, *args: Any, **kwargs: Any) -> Any:
         # Anything else resolving a name (aiohttp's own resolver, say) would be a pinning bug and real DNS traffic.
-        if host is not None and http._ip_literal(str(host)) is None:
+        if host is not None and url_policy.ip_literal(str(host)) is None:
             fake.unpinned.append(str(host))
             raise socket.gaierror(socket.EAI_NONAME, f"test guard: unexpected DNS lookup of {host}")
         return real(host, *args, **kwargs)
@@ -283,13 +303,13 @@ def dns(monkeypatch) -> FakeDNS:
 
 @pytest.fixture(autouse=True)
 def only_loopback_connections(monkeypatch):
-    real = http._get_from
+    real = http_client._get_from
 
     async def guarded(address: str, *args: Any, **kwargs: Any) -> Any:
         assert address == "127.0.0.1", f"the code under test tried to connect to {address}"
         return await real(address, *args, **kwargs)
 
-    monkeypatch.setattr(http, "_get_from", guarded)
+    monkeypatch.setattr(http_client, "_get_from", guarded)
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 10.0) -> Any:
@@ -298,13 +318,13 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 10.0) -> Any:
         try:
             return await asyncio.wait_for(coro, timeout)
         finally:
-            await http.close()
+            await http_client.close()
 
     return asyncio.run(main())
 
 
 def fetch(url: str, settings: Settings = LOCAL, where: str = "image_url[0]") -> bytes:
-    return run(fetch_http(url, where, settings))
+    return run(fetch_http(url, where, MediaPolicy.from_settings(settings)))
 
 
 # --------------------------------------------------------------------------------------------- policy
@@ -358,12 +378,21 @@ def test_policy_switches_open_only_their_own_category():
 ])
 def test_static_policy_refuses_without_dns_or_connecting(url, message, dns):
     with pytest.raises(InvalidInput, match=rf"^image_url\[3\]: .* refused by URL policy: .*{message}"):
-        check_url(url, "image_url[3]", Settings())
+        check_url(url, "image_url[3]", policy())
     assert dns.calls == []
 
 
+@pytest.mark.parametrize("url, message", [
+    ("http://xn--/a.png", "is not a valid URL"),  # yarl decodes IDNA lazily: this raised UnicodeError before
+    ("http://[::1", "is not a valid URL"),  # and this a ValueError from the message's own urlsplit
+])
+def test_unparseable_urls_are_client_errors(url, message):
+    with pytest.raises(InvalidInput, match=rf"^w: .*{message}"):
+        check_url(url, "w", policy())
+
+
 def test_static_policy_lets_public_names_through_to_resolution():
-    target = check_url("https://Example.COM/a.png", "w", Settings())
+    target = check_url("https://Example.COM/a.png", "w", policy())
     assert (target.host, target.port, target.scheme) == ("example.com", 443, "https")
 
 
@@ -374,13 +403,13 @@ def test_static_policy_lets_public_names_through_to_resolution():
     ("http://[2001:DB8::1]:80/a", "http://[2001:db8::1]/a"),
 ])
 def test_normalised_url(a, b):
-    settings = Settings(allow_private_media_urls=True)  # 2001:db8:: is documentation space
-    assert check_url(a, "w", settings).normalized == b
+    private_ok = policy(allow_private_media_urls=True)  # 2001:db8:: is documentation space
+    assert check_url(a, "w", private_ok).normalized == b
 
 
 def test_normalised_url_keeps_what_matters():
-    assert check_url("http://example.com:8080/a", "w", Settings()).normalized == "http://example.com:8080/a"
-    assert check_url("http://example.com/a?x=1", "w", Settings()).normalized != "http://example.com/a?x=2"
+    assert check_url("http://example.com:8080/a", "w", policy()).normalized == "http://example.com:8080/a"
+    assert check_url("http://example.com/a?x=1", "w", policy()).normalized != "http://example.com/a?x=2"
 
 
 def test_error_messages_elide_the_query(server):
@@ -403,11 +432,31 @@ def test_404_names_item_and_status(server):
         fetch(url)
 
 
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429])
+def test_upstream_trouble_is_unavailable_not_the_clients_fault(server, status):
+    url = server.url(f"/status/{status}")
+    with pytest.raises(MediaUnavailable, match=rf"^image_url\[0\]: http {status} fetching {url}$") as info:
+        fetch(url)
+    assert not isinstance(info.value, InvalidInput)
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 410, 451])
+def test_upstream_4xx_is_the_clients_fault(server, status):
+    with pytest.raises(InvalidInput, match=rf"^image_url\[0\]: http {status} fetching") as info:
+        fetch(server.url(f"/status/{status}"))
+    assert not isinstance(info.value, MediaUnavailable)
+
+
+def test_connection_dropped_mid_body_is_unavailable(server):
+    with pytest.raises(MediaUnavailable, match=r"^image_url\[0\]: fetching .*/drop failed \(ClientPayloadError"):
+        fetch(server.url("/drop"))
+
+
 def test_timeout_within_configured_total(server):
     settings = Settings(allow_loopback_media_urls=True, media_fetch_timeout_s=0.3)
     for path in ("/slow", "/slow-body"):
         start = time.monotonic()
-        with pytest.raises(InvalidInput, match=r"image_url\[0\]: timed out after 0.3 s fetching"):
+        with pytest.raises(MediaUnavailable, match=r"image_url\[0\]: timed out after 0.3 s fetching"):
             fetch(server.url(path), settings)
         assert time.monotonic() - start < 1.5
 
@@ -425,7 +474,7 @@ def test_size_cap_declared_and_streamed(server):
 
 def test_size_cap_stops_reading_within_one_chunk(server, monkeypatch):
     seen: list[int] = []
-    real = http._read_capped
+    real = http_client._read_capped
 
     class CountingBody:  # stands in for the response: same content_length, body chunks counted as read
         def __init__(self, response: aiohttp.ClientResponse):
@@ -439,16 +488,16 @@ def test_size_cap_stops_reading_within_one_chunk(server, monkeypatch):
     async def spy(response: aiohttp.ClientResponse, *args: Any) -> bytes:
         return await real(CountingBody(response), *args)
 
-    monkeypatch.setattr(http, "_read_capped", spy)
+    monkeypatch.setattr(http_client, "_read_capped", spy)
     settings = Settings(allow_loopback_media_urls=True, max_media_bytes=100_000)
     with pytest.raises(InvalidInput, match="too large"):
         fetch(server.url("/big-chunked"), settings)
-    assert 100_000 < sum(seen) <= 100_000 + http.CHUNK_BYTES
+    assert 100_000 < sum(seen) <= 100_000 + http_client.CHUNK_BYTES
 
 
 def test_connection_refused(server):
     url = f"http://127.0.0.1:{free_port()}/a.png"
-    with pytest.raises(InvalidInput, match=r"^image_url\[0\]: connection refused fetching"):
+    with pytest.raises(MediaUnavailable, match=r"^image_url\[0\]: connection refused fetching"):
         fetch(url)
 
 
@@ -508,7 +557,7 @@ def test_every_resolved_address_is_checked(server, dns):
 def test_next_address_tried_when_one_cannot_connect(server, dns, monkeypatch):
     dns.table["two.test"] = ["203.0.113.7", "127.0.0.1"]
     tried: list[str] = []
-    real = http._get_from  # the loopback guard
+    real = http_client._get_from  # the loopback guard
 
     async def unreachable_first(address: str, *args: Any) -> Any:
         tried.append(address)
@@ -516,7 +565,7 @@ def test_next_address_tried_when_one_cannot_connect(server, dns, monkeypatch):
             raise aiohttp.ConnectionTimeoutError("simulated: no route")  # never connects anywhere
         return await real(address, *args)
 
-    monkeypatch.setattr(http, "_get_from", unreachable_first)
+    monkeypatch.setattr(http_client, "_get_from", unreachable_first)
     settings = Settings(allow_loopback_media_urls=True, allow_private_media_urls=True)
     assert fetch(f"http://two.test:{server.port}/img.png", settings) == PNG
     assert tried == ["203.0.113.7", "127.0.0.1"]
@@ -529,7 +578,7 @@ def test_https_connects_to_the_pinned_ip_but_verifies_the_name(tls_server, dns, 
     with pytest.raises(InvalidInput, match=r"^image_url\[0\]: TLS certificate error .* fetching https://media.test"):
         fetch(srv.url("/img.png", host="media.test"))
     trusting = ssl.create_default_context(cafile=str(tls_server.ca_file))
-    monkeypatch.setattr(http, "_tls_context", lambda: trusting)
+    monkeypatch.setattr(http_client, "_tls_context", lambda: trusting)
     assert fetch(srv.url("/img.png?case=tls", host="media.test")) == PNG
     assert tls_server.sni[-1] == "media.test" and srv.hosts("/img.png?case=tls") == [f"media.test:{srv.port}"]
     # Same IP, trusted CA, but the certificate is for media.test: the name is what gets checked.
@@ -543,32 +592,20 @@ def test_dns_failure_and_timeout(dns):
         fetch("http://nxdomain.test/a.png")
     dns.table["hang.test"] = 5.0
     start = time.monotonic()
-    with pytest.raises(InvalidInput, match="DNS lookup for hang.test timed out after 0.2 s"):
+    with pytest.raises(MediaUnavailable, match="DNS lookup for hang.test timed out after 0.2 s"):
         fetch("http://hang.test/a.png", Settings(media_connect_timeout_s=0.2))
     assert time.monotonic() - start < 1.5
 
 
 def test_one_session_per_loop_reused_and_closed(server):
     async def twice() -> tuple[aiohttp.ClientSession, aiohttp.ClientSession]:
-        await fetch_http(server.url("/img.png"), "w", LOCAL)
-        first = http.session()
-        await fetch_http(server.url("/img.png"), "w", LOCAL)
-        return first, http.session()
+        await fetch_http(server.url("/img.png"), "w", MediaPolicy.from_settings(LOCAL))
+        first = http_client.session()
+        await fetch_http(server.url("/img.png"), "w", MediaPolicy.from_settings(LOCAL))
+        return first, http_client.session()
 
     first, second = run(twice())
     assert first is second and first.closed  # run() closed it
-
-
-def test_sync_wrapper(server):
-    assert read_media_bytes(server.url("/img.png"), "image_url[0]", "image", LOCAL) == PNG
-    with pytest.raises(InvalidInput, match=r"image_url\[1\]: http 404"):
-        read_media_bytes(server.url("/missing"), "image_url[1]", "image", LOCAL)
-
-    async def on_a_loop() -> None:
-        fetch_http_sync(server.url("/img.png"), "w", LOCAL)
-
-    with pytest.raises(RuntimeError, match="would block a running event loop"):
-        run(on_a_loop())
 
 
 # ------------------------------------------------------------------------------------------------ LRU
@@ -681,13 +718,13 @@ def test_loader_data_uri_and_file_cached_by_content(tmp_path):
 
 def test_loader_decodes_off_the_event_loop(monkeypatch):
     threads: list[threading.Thread] = []
-    real = loader_module.decode_image
+    real = image_module.decode_image
 
     def spy(*args: Any) -> Any:
         threads.append(threading.current_thread())
         return real(*args)
 
-    monkeypatch.setattr(loader_module, "decode_image", spy)
+    monkeypatch.setattr(image_module, "decode_image", spy)
     data_uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
     run(MediaLoader(Settings()).load_image(image_item(data_uri)))
     assert threads and threads[0] is not threading.main_thread()
@@ -713,7 +750,7 @@ def test_loader_refuses_other_formats_over_http_by_name(server):
 
 def test_loader_audio_over_http(server):
     # The first decode imports librosa's resampler (seconds on a loaded machine): not what the deadline measures.
-    loader_module.decode_audio(WAV, "warm-up", 8000, 10.0)
+    audio_module.decode_audio(WAV, "warm-up", 8000, 10.0)
     wave = run(MediaLoader(LOCAL).load_audio(MediaItem("audio", server.url("/tone.wav"), "audio_url[0]"), 8000))
     assert wave.dtype == np.float32 and abs(wave.size - 4000) <= 2
 
