@@ -136,15 +136,13 @@ def test_formats(audio_server, offline_audio, audio_media, name):
 
 def test_input_audio_in_messages(audio_server, offline_audio, audio_media):
     """OpenAI-style input_audio parts, as the OpenAI server sends them, give the same tokens as audio_url."""
-    import json
-
     data = audio_media["short.wav"]
     messages = [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}},
         {"type": "text", "text": "What do you hear?"}]}]
     want = offline(offline_audio, "What do you hear?", [decoded(data)])
     for model in PATHS:
-        got, _ = tokens(audio_server, model, RequestInputs(messages=json.dumps(messages), sampling_parameters=GREEDY,
+        got, _ = tokens(audio_server, model, RequestInputs(messages=messages, sampling_parameters=GREEDY,
                                                            stream=True))
         assert got == want, model
 
@@ -174,8 +172,8 @@ def _failures(audio_media):
     one = audio_media["one.wav"]
     return [
         (data_uri(b""), "is empty"),
-        (data_uri(b"RIFF....WAVEfmt garbage" * 3), "audio"),
-        (data_uri(one[: len(one) // 40]), "audio"),
+        (data_uri(b"RIFF....WAVEfmt garbage" * 3), "cannot decode audio"),
+        (data_uri(one[:30]), "cannot decode audio"),  # cut inside the header (a cut in the samples is a shorter clip)
         (data_uri(wav_bytes(tone(61.0), RATE)), "limit is 60"),
         (data_uri(wav_bytes(tone(0.01), RATE)), "shorter than the model's minimum"),
     ]
@@ -252,3 +250,44 @@ def test_encoder_audio_batches_concurrent_requests(audio_server, offline_audio):
     assert got == want
     time.sleep(GAUGE_SETTLE_S)
     assert metric(audio_server, "mmtriton_encoder_batching", "max_requests", "encoder_audio") >= 2
+
+
+@pytest.fixture(scope="module")
+def audio_openai(audio_server):
+    from conftest import ROOT, free_port
+    from mmtriton.openai_server import OpenAIServerConfig, OpenAIServerProcess
+
+    server = OpenAIServerProcess(OpenAIServerConfig(triton_url=audio_server.config.grpc_url, port=free_port()),
+                                 log_file=ROOT / "logs" / "test-openai-server-audio.log")
+    server.start()
+    try:
+        server.wait_ready(timeout_s=120)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_openai_input_audio_equals_direct_and_refuses_a_too_short_clip(audio_server, audio_openai, audio_media):
+    """input_audio through our OpenAI server: the same tokens as Triton direct on every path; a clip too short for
+    the model is a 400 naming the part, at once (it used to get no answer at all)."""
+    import openai
+
+    client = openai.OpenAI(base_url=audio_openai.base_url, api_key="unused", max_retries=0, timeout=60)
+
+    def messages(data: bytes) -> list[dict]:
+        return [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}},
+            {"type": "text", "text": "What do you hear?"}]}]
+
+    good = messages(audio_media["short.wav"])
+    for model in PATHS:
+        want, _ = tokens(audio_server, model, RequestInputs(messages=good, sampling_parameters=GREEDY, stream=True))
+        reply = client.chat.completions.create(model=model, messages=good, max_tokens=24, temperature=0,
+                                               extra_body={"return_token_ids": True})
+        assert reply.choices[0].token_ids == want, model
+        t0 = time.monotonic()
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=model, messages=messages(wav_bytes(tone(0.01), RATE)),
+                                           max_tokens=4)
+        assert time.monotonic() - t0 < 20
+        assert "messages[0].content[0]" in str(info.value) and "minimum" in str(info.value), str(info.value)
