@@ -54,22 +54,24 @@ def _sampling(raw: str) -> dict[str, Any]:
 DEEP = "[" * 100_000
 DIGITS = "1" * 5000  # past Python's 4300-digit int() limit: json.loads raises a plain ValueError
 JSON_TARGETS = ("messages", "request_tensors")
-KNOWN_BUGS = [
-    KnownBug("file-url-bad-ipv6", ("file_url",), "ValueError", "fetch.py", "read_local_file",
-             "urllib.parse.urlparse raises ValueError('Invalid IPv6 URL') for file://[ ... (not InvalidInput)",
-             lambda: "file://[/x"),
-    KnownBug("file-url-nul", ("file_url",), "ValueError", "fetch.py", "read_local_file",
-             "os.path.realpath raises ValueError('embedded null byte') for %00 in a file:// path",
-             lambda: "file://{dir}/%00"),
-    KnownBug("file-url-long-name", ("file_url",), "OSError", "fetch.py", "read_local_file",
-             "Path.is_file raises OSError ENAMETOOLONG for a 300-character name under an allowed directory",
-             lambda: "file://{dir}/" + "a" * 300),
-    KnownBug("url-bad-ipv6-in-message", ("url_policy",), "ValueError", "http.py", "shown_url",
-             "check_url formats its refusal with shown_url, whose urlsplit raises ValueError for http://[::1",
-             lambda: ("http://[::1", "1.2.3.4", False, False)),
-    KnownBug("url-idna-label", ("url_policy",), "UnicodeError", "http.py", "check_url",
-             "yarl's lazy IDNA decode of the host (parsed.host) raises UnicodeError outside check_url's try",
-             lambda: ("http://xn--/", "1.2.3.4", False, False)),
+KNOWN_BUGS: list[KnownBug] = []
+
+# Bugs the fuzzing found and that are fixed: each input must now be refused as the client's error.
+FIXED = [
+    ("messages", lambda: _messages(DEEP)),
+    ("messages", lambda: _messages('[{"role": "user", "content": "x", "n": ' + DIGITS + "}]")),
+    ("messages", lambda: _messages('[{"role": "user", "content": [{"type": []}]}]')),
+    ("sampling_parameters", lambda: _sampling(DEEP)),
+    ("sampling_parameters", lambda: _sampling('{"seed": ' + DIGITS + "}")),
+    ("openai_request", lambda: DEEP.encode()),
+    ("openai_request", lambda: b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": '
+     + DIGITS.encode() + b"}"),
+    ("openai_request", lambda: b'{"model": "m", "messages": [{"role": "user", "content": [{"type": {}}]}]}'),
+    ("file_url", lambda: "file://[/x"),
+    ("file_url", lambda: "file://{dir}/%00"),
+    ("file_url", lambda: "file://{dir}/" + "a" * 300),
+    ("url_policy", lambda: ("http://[::1", "1.2.3.4", False, False)),
+    ("url_policy", lambda: ("http://xn--/", "1.2.3.4", False, False)),
 ]
 
 
@@ -91,6 +93,12 @@ def test_fuzz_target(name: str) -> None:
     # Not vacuous: the inputs reached both the accepting and the refusing paths, all of them ran.
     assert report.examples >= EXAMPLES * 2 // 3, report
     assert report.ok > 0 and report.invalid > 0, f"{name}: ok={report.ok} invalid={report.invalid}"
+
+
+@pytest.mark.parametrize("target, example", FIXED, ids=[f"{t}-{i}" for i, (t, _) in enumerate(FIXED)])
+def test_fixed_bug_stays_fixed(target: str, example: Callable[[], Any]) -> None:
+    outcome = fuzz.run_one(fuzz.TARGETS[target], example())
+    assert outcome.kind == "invalid", f"{target}: {outcome.kind} {fuzz.bug_signature(outcome)}: {outcome.error!r}"
 
 
 @pytest.mark.parametrize("bug", [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=b.reason), id=b.id)
@@ -124,8 +132,8 @@ except InvalidInput as exc:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="decode_audio segfaults on 8-channel audio decoded by PyAV (planar to_ndarray)")
 def test_eight_channel_audio_does_not_crash() -> None:
+    """decode_audio used to segfault on 8-channel audio decoded by PyAV (planar to_ndarray)."""
     result = subprocess.run([sys.executable, "-c", EIGHT_CHANNEL_DECODE], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
 

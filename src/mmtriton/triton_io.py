@@ -20,6 +20,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmtriton.engine import EngineDead, GenerationChunk
+from mmtriton.media.errors import MediaUnavailable
 from mmtriton.protocol import CLIENT_ERROR_PREFIX, UNAVAILABLE_PREFIX, InvalidInput
 from mmtriton.settings import Settings
 
@@ -79,7 +80,7 @@ def error_response(exc: BaseException):
     """The error's class goes into its text too (protocol.error_class): Triton 2.51 loses the code on the way."""
     if isinstance(exc, InvalidInput):
         code, message = pb_utils.TritonError.INVALID_ARG, CLIENT_ERROR_PREFIX + str(exc)
-    elif isinstance(exc, EngineDead):
+    elif isinstance(exc, EngineDead | MediaUnavailable):  # a stage down, an upstream media host failing: retry
         code, message = pb_utils.TritonError.UNAVAILABLE, UNAVAILABLE_PREFIX + str(exc)
     else:
         code, message = pb_utils.TritonError.INTERNAL, str(exc)

@@ -217,16 +217,18 @@ def _decode_with_av(
                 _check_header_seconds(header_seconds, where, max_seconds)
             expected = int(header_seconds * rate) if header_seconds is not None else 0
             out = _MonoAtTargetRate(where, rate, sample_rate, max_seconds, expected)
-            # Planar float at the source rate and layout; the channel mean is ours (FFmpeg's own downmix of
-            # stereo is (L + R) / sqrt(2), louder than libsndfile's mean for the same audio).
-            resampler = av.AudioResampler(format="fltp", rate=rate)
+            # Packed (interleaved) float at the source rate and layout; the channel mean is ours (FFmpeg's own
+            # downmix of stereo is (L + R) / sqrt(2), louder than libsndfile's mean for the same audio). Packed,
+            # not planar: PyAV 18's to_ndarray() on a planar frame of 8 channels reads a 9th plane and segfaults
+            # (found by bench/fuzz.py), which would kill the model's stub.
+            resampler = av.AudioResampler(format="flt", rate=rate)
             for packet in container.demux(stream):  # the last, empty packet flushes the decoder
                 for frame in packet.decode():
                     for converted in resampler.resample(frame):
-                        out.add(_mono(converted.to_ndarray()))
+                        out.add(_mono(converted.to_ndarray(), len(converted.layout.channels)))
                 _check_deadline(deadline, where)
             for converted in resampler.resample(None):
-                out.add(_mono(converted.to_ndarray()))
+                out.add(_mono(converted.to_ndarray(), len(converted.layout.channels)))
             return out
     except InvalidInput:
         raise
@@ -234,9 +236,10 @@ def _decode_with_av(
         raise InvalidInput(f"{where}: cannot decode audio ({type(exc).__name__}: {exc})") from exc
 
 
-def _mono(planes: np.ndarray) -> np.ndarray:
-    # (channels, samples) float32; a single plane is taken as is (no arithmetic on mono input).
-    return np.ascontiguousarray(planes[0] if planes.shape[0] == 1 else planes.mean(axis=0), dtype=np.float32)
+def _mono(packed: np.ndarray, channels: int) -> np.ndarray:
+    # (1, samples * channels) interleaved float32; mono is taken as is (no arithmetic on mono input).
+    frames = packed.reshape(-1, channels)
+    return np.ascontiguousarray(frames[:, 0] if channels == 1 else frames.mean(axis=1), dtype=np.float32)
 
 
 def _av_header_seconds(container, stream) -> float | None:
