@@ -65,6 +65,11 @@ class PrefillService:
             # vLLM does not count embeddings for a kind whose limit is 0 (embeddings_only_limits): we do.
             raise InvalidInput(f"too many embeddings: {len(request.embeddings)} > {self.settings.max_media_items}")
         descriptors = [parse_descriptor(raw) for raw in request.embeddings]
+        if not self.engine.alive:
+            # Nothing will read these: let the encoders free them now rather than at their ack timeout.
+            for desc in descriptors:
+                await asyncio.to_thread(self.receiver.discard, desc)
+            raise EngineDead("llm_prefill: the vLLM engine is not running (restarting after a crash)")
         with self.engine.times.time("embedding_fetch"):
             tensors = await asyncio.gather(*(
                 asyncio.to_thread(self.receiver.fetch, d, self.settings.stage_timeout_s) for d in descriptors

@@ -20,7 +20,7 @@ from mmtriton.media.loader import MediaLoader
 from mmtriton.metrics import StageTimes
 from mmtriton.protocol import InvalidInput, MediaItem
 from mmtriton.settings import Settings
-from mmtriton.transfer import EmbeddingSender
+from mmtriton.transfer import EmbeddingDescriptor, EmbeddingSender
 from mmtriton.wire import MediaPlacement
 
 MiB = 1024 * 1024
@@ -131,9 +131,14 @@ class EncoderService:
                     results.append(batch)
                     continue
                 mine = [next(encoded) for _ in batch]
+                put: list[str] = []
                 try:
-                    results.append([self._put(e) for e in mine])
+                    for e in mine:
+                        put.append(self._put(e))
+                    results.append(put)
                 except Exception as exc:  # noqa: BLE001 - e.g. a full pool: this request's error only
+                    for raw in put:  # its earlier items will never be read: free them now, not at expiry
+                        self.sender.withdraw(EmbeddingDescriptor.from_json(raw).transfer_id)
                     results.append(exc)
         return results
 

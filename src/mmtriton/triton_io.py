@@ -85,8 +85,8 @@ def error_response(exc: BaseException):
     else:
         code, message = pb_utils.TritonError.INTERNAL, str(exc)
     # An empty message would read as no error at all on some clients: always name the class at least.
-    if not message.strip() or message in (CLIENT_ERROR_PREFIX, UNAVAILABLE_PREFIX):
-        message += type(exc).__name__
+    if not str(exc).strip():
+        message = message.rstrip() + (" " if message.strip() else "") + type(exc).__name__
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 

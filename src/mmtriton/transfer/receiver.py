@@ -292,6 +292,20 @@ class EmbeddingReceiver:
             raise _UncancelledTimeout(msg) from None
         raise TimeoutError(msg)
 
+    def discard(self, desc: EmbeddingDescriptor) -> None:
+        """Tell the sender we will not READ ``desc`` (the request failed before its fetch): the sender frees the
+        region now instead of at its ack timeout. Best effort, like an ack."""
+        if self._closed:
+            return
+        try:
+            self.check(desc)
+            with self._nixl_lock:
+                self._ensure_peer_locked(desc)
+        except Exception as e:  # noqa: BLE001 - nothing to free on an unreachable or malformed sender
+            log.warning("receiver %s: cannot discard transfer %s: %s", self.name, desc.transfer_id, e)
+            return
+        self._ack(desc)
+
     def _ack(self, desc: EmbeddingDescriptor) -> None:
         try:
             with self._nixl_lock:

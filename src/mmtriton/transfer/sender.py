@@ -184,6 +184,13 @@ class EmbeddingSender:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def withdraw(self, transfer_id: str) -> None:
+        """Free a region whose descriptor was never handed to a reader (its request failed first)."""
+        with self._lock:
+            o = self._outstanding.pop(transfer_id, None)
+            if o is not None:
+                self._release_locked(o)
+
     # -- internals ------------------------------------------------------------------------------------------
 
     def _release_locked(self, o: _Outstanding) -> None:
