@@ -12,7 +12,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from client import InferenceFailed, RequestInputs, build_inputs, generate_http, stream_grpc
-from conftest import metric, pattern_image, png_bytes
+from conftest import metric_value, metrics_text, pattern_image, png_bytes
+from mmtriton.testing import disconnects_cancel
 
 pytestmark = pytest.mark.integration
 MODEL = "multimodal_agg"
@@ -85,22 +86,22 @@ def _start_and_cancel(url: str) -> None:
     client.close()
 
 
+# Every cancel must reach the model within this many seconds. Usually it takes well under a second, but Triton
+# can deliver one late (README, Known issues: the latest measured reached the model 30 s after the client left);
+# the 4000-token answer takes about that long on 2 cores, so a later cancel would stop nothing.
+CANCEL_BOUND_S = 30.0
+
+
 def test_cancelled_stream_is_aborted_and_server_keeps_serving(triton_server):
-    """The model notices a cancel within a step, aborts the vLLM request and counts it (and logs it). Known
-    open flake (README, Known issues): now and then Triton delivers the cancel late (at the answer's end or with
-    the next request), so up to three streams are cancelled; one must be counted promptly."""
+    """The model notices each cancel, aborts the vLLM request and counts it once (and logs it); a late cancel
+    (README, Known issues) still has to land within CANCEL_BOUND_S, and no cancelled answer runs to its end."""
     url = triton_server.config.grpc_url
-    counted = False
-    for _ in range(3):
-        cancelled_before = metric(triton_server, "mmtriton_engine", "cancelled", MODEL)
-        _start_and_cancel(url)
-        deadline = time.monotonic() + 15
-        while not counted and time.monotonic() < deadline:
-            counted = metric(triton_server, "mmtriton_engine", "cancelled", MODEL) > cancelled_before
-            time.sleep(0.2)
-        if counted:
-            break
-    assert counted, "no cancel reached the model in 3 tries"
+    report = disconnects_cancel(triton_server, lambda: _start_and_cancel(url), tries=3, bound_s=CANCEL_BOUND_S)
+    seen = f"cancel delays {report.delays()} s, {report.cancelled:.0f} cancels counted"
+    print(seen)  # the measured delays, for pytest -s / -rP
+    assert report.late(CANCEL_BOUND_S) == [], f"cancels not counted within {CANCEL_BOUND_S:.0f} s: {seen}"
+    assert report.cancelled == 3, seen
+    assert report.finished == 0, f"{report.finished:.0f} tokens decoded by requests that ran to their end: {seen}"
     t0 = time.monotonic()
     after = collect(stream_grpc(url, MODEL, build_inputs("Hello", sampling={"max_tokens": 8, "temperature": 0})))
     assert len(after["token_ids"]) == 8
@@ -210,12 +211,27 @@ def test_bad_input_over_grpc_stream_names_the_problem(triton_server):
         list(stream_grpc(triton_server.config.grpc_url, MODEL, inputs))
 
 
+def _request_successes(triton_server) -> float:
+    """Triton's own per-model counter of requests that succeeded (nv_inference_request_success, 2.51)."""
+    return metric_value(metrics_text(triton_server), "nv_inference_request_success", model=MODEL)
+
+
 def test_metrics_endpoint_counts_requests(triton_server):
-    c = triton_server.config
-    with urllib.request.urlopen(f"http://{c.host}:{c.metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    lines = [ln for ln in text.splitlines() if ln.startswith("nv_inference_request_success") and MODEL in ln]
-    assert lines and float(lines[0].rsplit(" ", 1)[1]) > 0
+    """Each request this test sends (gRPC stream and HTTP generate) is counted once, and nothing else is."""
+    before = _request_successes(triton_server)
+    short = {"max_tokens": 2, "temperature": 0.0}
+    for prompt in ("Hello", "Hi there"):
+        assert len(collect(stream_grpc(triton_server.config.grpc_url, MODEL, build_inputs(prompt, sampling=short)))
+                   ["token_ids"]) == 2
+    ok = generate_http(triton_server.config.http_url, MODEL, RequestInputs(text_input="Hey", sampling_parameters=short))
+    assert len(ok["token_ids"]) == 2
+    sent = 3
+    # Triton counts a decoupled request when the model releases it, which may trail its last response a little.
+    deadline = time.monotonic() + 10
+    while _request_successes(triton_server) < before + sent and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # long enough for a double count to show
+    assert _request_successes(triton_server) - before == sent
 
 
 def test_model_config_holds_the_public_contract(triton_server):

@@ -5,7 +5,6 @@ right status, and a client that goes away cancels its Triton request."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import time
@@ -17,7 +16,8 @@ import openai
 import pytest
 
 from client import GrpcStreamClient, RequestInputs
-from conftest import free_port, metric, pattern_image, png_bytes
+from conftest import free_port, pattern_image, png_bytes
+from mmtriton.testing import disconnects_cancel
 
 pytestmark = pytest.mark.integration
 GREEDY = {"max_tokens": 16, "temperature": 0.0}
@@ -188,34 +188,25 @@ def test_triton_down_is_503(tmp_path):
         server.stop()
 
 
-def wait_for_cancel(triton_server, before: float, timeout_s: float = 60) -> float:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        now = metric(triton_server, "mmtriton_engine", "cancelled", "multimodal_agg")
-        if now > before:
-            return now
-        time.sleep(0.2)
-    return before
-
-
 LONG = {"model": "multimodal_agg", "messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": 4000, "min_tokens": 4000, "temperature": 0}
+# Every disconnect must cancel its Triton request within this many seconds. Usually it takes ~0.5 s, but a cancel
+# can be late (README, Known issues); the latest one measured reached the model 30 s after the disconnect. The
+# 4000-token answer takes about that long on 2 cores (~130 tokens/s), so a cancel later than this stops nothing:
+# the answer would have been generated for nobody.
+CANCEL_BOUND_S = 30.0
+DISCONNECTS = 3
 
 
-def cancels_within_tries(triton_server, leave, tries: int = 5) -> list[bool]:
-    """Known open flake (README, Known issues): now and then the cancel reaches the model only when the answer
-    ends or when the next request arrives. While multimodal_agg computes a long answer, Triton's gRPC frontend
-    can stall new RPCs for seconds (is_server_ready from another process took up to 5.9 s), and uvicorn can
-    report a disconnect late. So up to ``tries`` clients ``leave()`` mid-answer; the cancel must reach the model
-    for one of them (a late cancel of an earlier try that lands meanwhile counts too)."""
-    outcomes = []
-    for _ in range(tries):
-        before = metric(triton_server, "mmtriton_engine", "cancelled", "multimodal_agg")
-        leave()
-        outcomes.append(wait_for_cancel(triton_server, before, timeout_s=15) > before)
-        if outcomes[-1]:
-            break
-    return outcomes
+def assert_every_disconnect_cancels(triton_server, leave) -> None:
+    """``DISCONNECTS`` clients ``leave()`` mid-answer: each one's cancel must reach the model within
+    ``CANCEL_BOUND_S`` (a late one included), each is counted once, and no answer runs to its end for nobody."""
+    report = disconnects_cancel(triton_server, leave, tries=DISCONNECTS, bound_s=CANCEL_BOUND_S)
+    seen = f"cancel delays {report.delays()} s, {report.cancelled:.0f} cancels counted"
+    print(seen)  # the measured delays, for pytest -s / -rP
+    assert report.late(CANCEL_BOUND_S) == [], f"tries not cancelled within {CANCEL_BOUND_S:.0f} s: {seen}"
+    assert report.cancelled == DISCONNECTS, seen
+    assert report.finished == 0, f"{report.finished:.0f} tokens decoded by requests that ran to their end: {seen}"
 
 
 def test_disconnect_mid_stream_cancels_the_triton_request(openai_server, triton_server):
@@ -228,19 +219,20 @@ def test_disconnect_mid_stream_cancels_the_triton_request(openai_server, triton_
             got = [line for line, _ in zip(r.iter_lines(), range(40), strict=False) if line.startswith("data:")]
             assert len(got) == 20, "the stream ended before the disconnect"
 
-    outcomes = cancels_within_tries(triton_server, leave)
-    assert any(outcomes), f"no disconnect cancelled its Triton request in {len(outcomes)} tries"
+    assert_every_disconnect_cancels(triton_server, leave)
 
 
 def test_disconnect_while_waiting_for_a_whole_answer_cancels_it(openai_server, triton_server):
     def leave():
-        # Gives up after 2 s without an answer. (When the notice comes late the whole answer may arrive first:
-        # that try then counts as not cancelled.)
-        with contextlib.suppress(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(60, read=2)) as http:
-            http.post(f"{openai_server.base_url}/chat/completions", json=LONG)
+        # Gives up after 2 s without an answer (the whole answer takes ~30 s).
+        with httpx.Client(timeout=httpx.Timeout(60, read=2)) as http:
+            try:
+                r = http.post(f"{openai_server.base_url}/chat/completions", json=LONG)
+            except httpx.ReadTimeout:
+                return
+        raise AssertionError(f"an answer came within 2 s, so the client never left: {r.status_code} {r.text[:300]}")
 
-    outcomes = cancels_within_tries(triton_server, leave)
-    assert any(outcomes), f"no disconnect cancelled its Triton request in {len(outcomes)} tries"
+    assert_every_disconnect_cancels(triton_server, leave)
     # The engine is free again: a short request answers promptly.
     t0 = time.monotonic()
     status, reply = post(openai_server, json.dumps({**LONG, "max_tokens": 4, "min_tokens": 0}).encode())
