@@ -8,39 +8,20 @@ This module's server replaces the session's Qwen2-VL one (one pipeline server at
 from __future__ import annotations
 
 import base64
-import io
 import time
-import wave
 
 import numpy as np
 import pytest
 
 from client import InferenceFailed, RequestInputs, build_inputs, stream_grpc
-from conftest import metric, pipeline_server, tone, wav_bytes
+from conftest import metric, pipeline_server
+from mmtriton.testing import audio_bytes, tone, wav_bytes
 
 pytestmark = pytest.mark.integration
 PATHS = ("multimodal_agg", "multimodal_bls", "multimodal")
 GREEDY = {"max_tokens": 24, "temperature": 0.0}
 RATE = 16000  # the tiny checkpoint's feature extractor rate (its processor config)
 GAUGE_SETTLE_S = 1.2
-
-
-def encoded(samples: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
-    import soundfile
-
-    buf = io.BytesIO()
-    soundfile.write(buf, samples, rate, format=fmt, subtype=subtype)
-    return buf.getvalue()
-
-
-def wav_u8(samples: np.ndarray, rate: int) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(1)  # 8-bit WAV is unsigned
-        w.setframerate(rate)
-        w.writeframes((np.clip(samples, -1, 1) * 127 + 128).astype(np.uint8).tobytes())
-    return buf.getvalue()
 
 
 def data_uri(data: bytes, subtype: str = "wav") -> str:
@@ -59,11 +40,11 @@ def audio_media(media_dir):
     clips = {
         "one.wav": wav_bytes(tone(1.0), RATE),
         "short.wav": wav_bytes(tone(0.4), RATE),
-        "clip.flac": encoded(tone(0.8), RATE, "FLAC"),
-        "clip.ogg": encoded(tone(0.8), RATE, "OGG", "VORBIS"),
-        "clip.mp3": encoded(tone(0.8), RATE, "MP3"),
-        "stereo48k.wav": encoded(np.stack([tone(0.9, 48000), 0.5 * tone(0.9, 48000)], axis=1), 48000, "WAV"),
-        "u8.wav": wav_u8(tone(0.7), RATE),
+        "clip.flac": audio_bytes(tone(0.8), RATE, "FLAC"),
+        "clip.ogg": audio_bytes(tone(0.8), RATE, "OGG", "VORBIS"),
+        "clip.mp3": audio_bytes(tone(0.8), RATE, "MP3"),
+        "stereo48k.wav": audio_bytes(np.stack([tone(0.9, 48000), 0.5 * tone(0.9, 48000)], axis=1), 48000, "WAV"),
+        "u8.wav": wav_bytes(tone(0.7), RATE, sample_width=1),
     }
     for name, data in clips.items():
         (media_dir / name).write_bytes(data)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import wave
 from pathlib import Path
 
 import av
@@ -20,29 +19,19 @@ import numpy as np
 import pytest
 import soundfile
 
-from conftest import tone, wav_bytes
 from mmtriton.media.audio import audio_cache_key, audio_nbytes, check_audio_seconds, decode_audio
 from mmtriton.media.cache import ByteLRU
 from mmtriton.protocol import InvalidInput
+from mmtriton.testing import audio_bytes, tone, wav_bytes
 
 RATE = 16000
 
 
-def encoded(samples: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    soundfile.write(buf, samples, rate, format=fmt, subtype=subtype)
-    return buf.getvalue()
+encoded = audio_bytes
 
 
 def wav8_bytes(samples: np.ndarray, rate: int) -> bytes:
-    """8-bit WAV is unsigned PCM (silence = 128), written by the standard library."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(1)
-        w.setframerate(rate)
-        w.writeframes(np.round(np.clip(samples, -1, 1) * 127 + 128).astype(np.uint8).tobytes())
-    return buf.getvalue()
+    return wav_bytes(samples, rate, sample_width=1)
 
 
 def av_encoded(samples: np.ndarray, rate: int, container: str, codec: str, options: dict | None = None,

@@ -53,14 +53,26 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
-    """16-bit mono PCM WAV of ``samples`` (floats in [-1, 1], clipped)."""
+def wav_bytes(samples: np.ndarray, rate: int, sample_width: int = 2) -> bytes:
+    """Mono PCM WAV of ``samples`` (floats in [-1, 1], clipped), by the standard library: 16-bit signed, or
+    ``sample_width=1``: 8-bit, which WAV stores unsigned (silence = 128)."""
+    clipped = np.clip(samples, -1, 1)
+    frames = (clipped * 32767).astype("<i2") if sample_width == 2 else np.round(clipped * 127 + 128).astype(np.uint8)
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)
-        w.setsampwidth(2)
+        w.setsampwidth(sample_width)
         w.setframerate(rate)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+        w.writeframes(frames.tobytes())
+    return buf.getvalue()
+
+
+def audio_bytes(samples: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
+    """``samples`` ([n] or [n, channels]) in a libsndfile format: "WAV", "FLAC", "OGG" (+ "VORBIS"), "MP3"."""
+    import soundfile
+
+    buf = io.BytesIO()
+    soundfile.write(buf, samples, rate, format=fmt, subtype=subtype)
     return buf.getvalue()
 
 
