@@ -131,7 +131,9 @@ def post(url: str, body: bytes):
 
 
 def vllm_sender(base_url: str, model: str, uri: str) -> Send:
-    """One streamed chat request: TTFT at the first chunk with text (vLLM's first chunk is the role alone)."""
+    """One streamed chat request. TTFT at the first chunk: vLLM sends it (the role, empty content) with the
+    first engine output, i.e. the first token; the first chunk with text can come tokens later (a token that
+    ends inside a UTF-8 character streams as "", common with the random-weight model's byte tokens)."""
     body = chat_body(model, uri, stream=True)
 
     def send() -> Sample:
@@ -143,7 +145,7 @@ def vllm_sender(base_url: str, model: str, uri: str) -> Send:
                 if not line.startswith(b"data: {"):
                     continue
                 chunk = json.loads(line[6:])
-                if first is None and any(c["delta"].get("content") for c in chunk.get("choices", ())):
+                if first is None and chunk.get("choices"):
                     first = time.perf_counter()
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
@@ -374,6 +376,7 @@ def main() -> int:
                 results["triton"], answers = bench_paths(grpc_url, uri, args.concurrency, args.requests)
                 results["same_tokens_on_every_triton_path"] = len({tuple(t) for t, _ in answers.values()}) == 1
                 results["same_text_as_vllm_server"] = {p: text == vllm_text for p, (_, text) in answers.items()}
+                results["greedy"] = {"vllm_server_text": vllm_text, "triton_token_ids": answers["multimodal_agg"][0]}
                 save()
                 print_paths(results[VLLM_PATH], results["triton"], args.concurrency)
                 print(f"greedy tokens equal on the Triton paths: {results['same_tokens_on_every_triton_path']}; "
