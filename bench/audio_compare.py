@@ -41,17 +41,16 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from audio_decode_rss import encode, run_child, signal  # noqa: E402
 from pipeline_compare import TRITON_PATHS, WARMUP, run_load  # noqa: E402
-from stage_breakdown import GAUGE_SETTLE_S, LINE, label  # noqa: E402
+from stage_breakdown import GAUGE_SETTLE_S  # noqa: E402
 from vllm_server import TINY_MODEL_ARGS, VllmOpenAIServerProcess  # noqa: E402
 
 from client import GrpcStreamClient, InferenceFailed, build_inputs  # noqa: E402
-from conftest import bench_server_config, free_port, tone, wav_bytes  # noqa: E402
 from mmtriton.server import TritonServer  # noqa: E402
 from mmtriton.settings import Settings  # noqa: E402
+from mmtriton.testing import bench_server_config, free_port, metric_value, tone, wav_bytes  # noqa: E402
 from mmtriton.tiny_models import ensure_tiny_models  # noqa: E402
 
 PROMPT = "What do you hear?"
@@ -235,12 +234,12 @@ def bench_paths(grpc_url: str, uri: str, levels: list[int], n: int) -> tuple[dic
     return out, answers
 
 
-def gauges(metrics_url: str, name: str, model: str) -> dict[str, float]:
-    """One custom gauge family of one model, by item."""
+def batching_gauges(metrics_url: str) -> dict[str, float]:
+    """encoder_audio's mmtriton_encoder_batching gauges (passes, requests served, most requests in one pass)."""
     with urllib.request.urlopen(metrics_url, timeout=10) as r:
         text = r.read().decode()
-    return {label(labels, "item"): float(value) for metric, labels, value in LINE.findall(text)
-            if metric == name and label(labels, "model") == model}
+    return {item: metric_value(text, "mmtriton_encoder_batching", 0.0, model="encoder_audio", item=item)
+            for item in ("batches", "requests", "max_requests")}
 
 
 def encode_once(client, uri: str) -> None:
@@ -271,7 +270,7 @@ def bench_encoder(grpc_url: str, metrics_url: str, n: int, concurrency: int) -> 
         sequential_s = time.perf_counter() - start
 
         time.sleep(GAUGE_SETTLE_S)
-        before = gauges(metrics_url, "mmtriton_encoder_batching", "encoder_audio")
+        before = batching_gauges(metrics_url)
         failures: list[str] = []
         ready = threading.Barrier(concurrency)
         with tqdm(total=n, desc=f"encoder_audio {concurrency} at once", unit="clip", leave=False) as bar:
@@ -293,18 +292,18 @@ def bench_encoder(grpc_url: str, metrics_url: str, n: int, concurrency: int) -> 
                 t.join(600)
             concurrent_s = time.perf_counter() - start
         time.sleep(GAUGE_SETTLE_S)
-        after = gauges(metrics_url, "mmtriton_encoder_batching", "encoder_audio")
+        after = batching_gauges(metrics_url)
     finally:
         for c in clients:
             c.close()
     if failures:
         print(f"  encoder_audio: {len(failures)} of {n} concurrent requests failed, first: {failures[0]}")
-    passes = after.get("batches", 0) - before.get("batches", 0)
-    served = after.get("requests", 0) - before.get("requests", 0)
+    passes = after["batches"] - before["batches"]
+    served = after["requests"] - before["requests"]
     return {"clips": n, "concurrency": concurrency, "sequential_clips_per_s": n / sequential_s,
             "concurrent_clips_per_s": (n - len(failures)) / concurrent_s, "errors": len(failures),
             "passes": passes, "requests_per_pass": served / passes if passes else float("nan"),
-            "max_requests_gauge": after.get("max_requests", float("nan"))}
+            "max_requests_gauge": after["max_requests"]}
 
 
 def bench_decode_rss(max_seconds: float) -> dict[str, float | str]:
