@@ -54,14 +54,7 @@ def _sampling(raw: str) -> dict[str, Any]:
 DEEP = "[" * 100_000
 DIGITS = "1" * 5000  # past Python's 4300-digit int() limit: json.loads raises a plain ValueError
 JSON_TARGETS = ("messages", "request_tensors")
-KNOWN_BUGS: list[KnownBug] = [
-    KnownBug("url-yarl-index-error", ("url_policy",), "IndexError", "url_policy.py", "check_url",
-             "yarl.URL() raises IndexError for a bracketed host followed by ':x@' (http://[::1]:x@/); "
-             "check_url catches only ValueError/TypeError", lambda: ("http://[::1]:x@/", "1.2.3.4", False, False)),
-    KnownBug("file-url-lone-surrogate", ("file_url",), "UnicodeEncodeError", "transport.py", "read_local_file",
-             "a lone surrogate in a file:// path (reachable from messages JSON: \\udd2c) makes os.path.realpath "
-             "raise UnicodeEncodeError", lambda: "file://{dir}/\udd2c"),
-]
+KNOWN_BUGS: list[KnownBug] = []
 
 # Bugs the fuzzing found and that are fixed: each input must now be refused as the client's error.
 FIXED = [
@@ -79,6 +72,8 @@ FIXED = [
     ("file_url", lambda: "file://{dir}/" + "a" * 300),
     ("url_policy", lambda: ("http://[::1", "1.2.3.4", False, False)),
     ("url_policy", lambda: ("http://xn--/", "1.2.3.4", False, False)),
+    ("url_policy", lambda: ("http://[::1]:x@/", "1.2.3.4", False, False)),
+    ("file_url", lambda: "file://{dir}/\udd2c"),
 ]
 
 

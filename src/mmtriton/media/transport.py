@@ -83,6 +83,10 @@ def read_local_file(url: str, where: str, kind: str, policy: MediaPolicy) -> byt
         raise InvalidInput(f"{where}: file:// path must be absolute")
     if "\0" in str(path):
         raise InvalidInput(f"{where}: file:// path contains a NUL byte")
+    try:
+        os.fsencode(path)
+    except UnicodeError as exc:  # a lone surrogate (JSON "\udd2c"): no file can have that name (bench/fuzz.py)
+        raise InvalidInput(f"{where}: file:// path is not valid UTF-8") from exc
     # Resolve symlinks and '..' first, so a link out of an allowed directory is refused.
     real = Path(os.path.realpath(path))
     allowed = [Path(os.path.realpath(d)) for d in policy.allowed_local_dirs]

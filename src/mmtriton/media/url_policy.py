@@ -133,7 +133,8 @@ def check_url(url: str | URL, where: str, policy: MediaPolicy) -> Target:
         parsed = url if isinstance(url, URL) else URL(url)
         # yarl decodes an IDNA host lazily: a bad label (http://xn--/) raises here, not at URL().
         scheme, port, host = parsed.scheme.lower(), parsed.port, (parsed.host or "").lower().rstrip(".")
-    except (ValueError, TypeError) as exc:  # UnicodeError is a ValueError
+    except (ValueError, TypeError, IndexError) as exc:  # UnicodeError is a ValueError; yarl raises IndexError
+        # for some malformed authorities, e.g. http://[::1]:x@/ (bench/fuzz.py)
         raise InvalidInput(f"{where}: {shown_url(url)} is not a valid URL ({exc})") from exc
     refuse = f"{where}: {shown_url(url)} refused by URL policy:"
     # Not a dispatch: a redirect hop may name any scheme, and only these two may be followed.
