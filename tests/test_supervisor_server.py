@@ -171,7 +171,8 @@ def test_killed_encoder_stub_is_reloaded_and_encodes_again(encoder_server):
     # with encoder_image, not with the tiny model below), so at most one request may end on the client timeout.
     assert outage and all(s != 200 for s, _, _ in outage), outage
     answered = [(s, d) for s, d, _ in outage if isinstance(s, int)]
-    assert len(outage) - len(answered) <= 1 and all(d < 5 for _, d in answered), outage
+    # Each "not healthy" takes Triton ~1 s (one health-check wait per try); under a loaded CI run one took 9.5 s.
+    assert len(outage) - len(answered) <= 1 and all(d < 15 for _, d in answered), outage
     assert outage[0][0] == 500 and "is not healthy" in outage[0][2]["error"], outage[0]
     # Triton itself said not ready while the supervisor reloaded the model, then ready again.
     assert (400, 400) in sampler.seen and sampler.seen[-1] == (200, 200), sampler.seen
