@@ -28,15 +28,21 @@ def string_tensor(name: str, values: list[str], batched: bool = False):
 
 
 def raise_for(response, stage: str) -> None:
-    """A stage's error response → our exception of the same class (client error, unavailable, internal)."""
+    """A stage's error response, or an in-band one (triton_io.IN_BAND_ERRORS) → our exception of the same class
+    (client error, unavailable, internal)."""
     if response.has_error():
         error = response.error()
-        kind, message = error_class(error.message())
-        if kind == "invalid_input" or error.code() == pb_utils.TritonError.INVALID_ARG:
-            raise InvalidInput(message)
-        if kind == "unavailable" or error.code() == pb_utils.TritonError.UNAVAILABLE:
-            raise EngineDead(f"{stage}: {message}")
-        raise RuntimeError(f"{stage}: {message or 'failed without a message'}")
+        text, code = error.message(), error.code()
+    elif (text := triton_io.in_band_error(response)) is not None:
+        code = pb_utils.TritonError.INTERNAL  # the class travels in the text's prefix, as through BLS anyway
+    else:
+        return
+    kind, message = error_class(text)
+    if kind == "invalid_input" or code == pb_utils.TritonError.INVALID_ARG:
+        raise InvalidInput(message)
+    if kind == "unavailable" or code == pb_utils.TritonError.UNAVAILABLE:
+        raise EngineDead(f"{stage}: {message}")
+    raise RuntimeError(f"{stage}: {message or 'failed without a message'}")
 
 
 def forward(responses, channel: triton_io.ResponseChannel) -> None:
@@ -115,6 +121,9 @@ class BlsModel:
         request = pb_utils.InferenceRequest(
             model_name="llm_decode", inputs=[string_tensor("decode_request", [decode_request.model_dump_json()])],
             requested_output_names=[o["name"] for o in OUTPUTS], timeout=self.timeout_us,
+            # On 2.51 an error response after the first never reaches this iterator (an engine dying mid-answer
+            # hung the client for good): llm_decode sends its failures as a normal final response instead.
+            parameters={triton_io.IN_BAND_ERRORS: True},
         )
         responses = request.exec(decoupled=True)
         try:

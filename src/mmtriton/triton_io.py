@@ -76,7 +76,7 @@ def chunk_response(chunk: GenerationChunk):
     )
 
 
-def error_response(exc: BaseException):
+def error_code_and_message(exc: BaseException) -> tuple[Any, str]:
     """The error's class goes into its text too (protocol.error_class): Triton 2.51 loses the code on the way."""
     if isinstance(exc, InvalidInput):
         code, message = pb_utils.TritonError.INVALID_ARG, CLIENT_ERROR_PREFIX + str(exc)
@@ -87,7 +87,55 @@ def error_response(exc: BaseException):
     # An empty message would read as no error at all on some clients: always name the class at least.
     if not str(exc).strip():
         message = message.rstrip() + (" " if message.strip() else "") + type(exc).__name__
+    return code, message
+
+
+def error_response(exc: BaseException):
+    code, message = error_code_and_message(exc)
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+# In-band errors, for a decoupled BLS caller. In Triton 2.51 (python_backend r24.10) an error response that is not
+# the first response of a decoupled BLS stream never reaches the caller: InferResponse::SaveToSharedMemory writes
+# the response's iterator id only for responses without an error, so the caller's stub files the error under a
+# stray id and the caller's iterator waits for good (fixed upstream in r25.04, python_backend #398). A caller that
+# sets this request parameter (triton_bls.BlsModel.decode) gets a failure as a normal final response instead: the
+# public outputs, finish_reason IN_BAND_ERROR_FINISH and the error's message (class prefix included) as the text.
+IN_BAND_ERRORS = "mmtriton_in_band_errors"
+IN_BAND_ERROR_FINISH = "mmtriton_error"
+
+
+def wants_in_band_errors(request) -> bool:
+    """Whether the request's caller asked for in-band errors (the IN_BAND_ERRORS request parameter)."""
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except (AttributeError, TypeError, ValueError):  # no parameters at all, or not JSON: the default
+        return False
+    return isinstance(parameters, dict) and parameters.get(IN_BAND_ERRORS) is True
+
+
+def in_band_error_response(exc: BaseException):
+    """The failure as a normal response of the public outputs (see IN_BAND_ERRORS)."""
+    _code, message = error_code_and_message(exc)
+    return chunk_response(GenerationChunk(text=message, token_ids=[], finish_reason=IN_BAND_ERROR_FINISH,
+                                          num_input_tokens=0, num_output_tokens=0, finished=True))
+
+
+def in_band_error(response) -> str | None:
+    """The error message an in-band error response carries; None for any other response."""
+    finish = pb_utils.get_output_tensor_by_name(response, "finish_reason")
+    if finish is None or response.has_error():
+        return None
+    values = finish.as_numpy().reshape(-1)
+    if len(values) != 1 or _as_text(values[0]) != IN_BAND_ERROR_FINISH:
+        return None
+    text = pb_utils.get_output_tensor_by_name(response, "text_output")
+    message = "" if text is None else "".join(_as_text(v) for v in text.as_numpy().reshape(-1))
+    return message or "failed without a message"
+
+
+def _as_text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -175,6 +223,8 @@ class ResponseChannel:
     def __init__(self, request, responses: ResponseThread):
         self.sender = request.get_response_sender()
         self.requested = frozenset(request.requested_output_names())
+        # A decoupled BLS caller on 2.51 never sees an error response after the first (see IN_BAND_ERRORS).
+        self.in_band_errors = wants_in_band_errors(request)
         self.responses = responses
         self.cancelled = False
         self.closed = False
@@ -195,7 +245,8 @@ class ResponseChannel:
     def fail(self, exc: BaseException) -> None:
         if not self.closed:
             self.closed = True
-            self.responses.put(self, error_response(exc), FINAL)
+            response = in_band_error_response(exc) if self.in_band_errors else error_response(exc)
+            self.responses.put(self, response, FINAL)
 
     def finish_cancelled(self) -> None:
         if not self.closed:
