@@ -9,11 +9,8 @@ from __future__ import annotations
 import io
 import re
 import socket
-import time
 import urllib.request
 import wave
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -105,64 +102,6 @@ def metric_value(text: str, name: str, default: float | None = None, **labels: s
 def metric(server: _HasMetricsEndpoint, name: str, item: str, model: str) -> float:
     """A custom gauge from the server's :8002-style metrics endpoint, by its model and item labels."""
     return metric_value(metrics_text(server), name, item=item, model=model)
-
-
-@dataclass
-class CancelReport:
-    """What :func:`disconnects_cancel` saw: when each client left and when each cancel was counted."""
-
-    left_at: list[float] = field(default_factory=list)  # time.monotonic() of each leave()'s return
-    counted_at: list[float] = field(default_factory=list)  # when the model's cancelled counter was seen at +1, +2, …
-    cancelled: float = 0.0  # cancels the model counted, from the first leave() to the end of the watch
-    finished: float = 0.0  # decode tokens of requests that ran to their end meanwhile (answers for nobody)
-
-    def delays(self) -> list[float]:
-        """Seconds from the k-th leave to the k-th counted cancel (cancels match leaves in order)."""
-        return [round(c - left, 1) for left, c in zip(self.left_at, self.counted_at, strict=False)]
-
-    def late(self, bound_s: float) -> list[int]:
-        """The tries whose cancel was not counted within ``bound_s`` of their leave."""
-        return [k for k, left in enumerate(self.left_at)
-                if k >= len(self.counted_at) or self.counted_at[k] - left > bound_s]
-
-
-def disconnects_cancel(server: _HasMetricsEndpoint, leave: Callable[[], None], tries: int, bound_s: float,
-                       model: str = "multimodal_agg", poll_s: float = 0.2) -> CancelReport:
-    """Run ``leave()`` (a client that starts a long request and goes away) ``tries`` times and watch ``model``'s
-    ``mmtriton_engine{item="cancelled"}`` counter until every try's cancel is counted or ``bound_s`` has passed
-    since the last leave.
-
-    Tries follow each other after a short wait, not after their cancel: a late cancel (README, Known issues) can
-    need the next request to arrive, and it still has to land within ``bound_s`` of its own leave. The decode
-    token counter (``mmtriton_stage_count{item="decode"}``, added only when a request ends normally) shows any
-    request that ran to its end for nobody."""
-
-    def read() -> tuple[float, float]:
-        text = metrics_text(server)
-        return (metric_value(text, "mmtriton_engine", item="cancelled", model=model),
-                metric_value(text, "mmtriton_stage_count", default=0.0, item="decode", model=model))
-
-    def watch(target: float, until: float) -> None:
-        while True:
-            cancelled, _ = read()
-            now = time.monotonic()
-            while len(report.counted_at) < min(cancelled - cancelled_before, tries):
-                report.counted_at.append(now)
-            if cancelled - cancelled_before >= target or now >= until:
-                return
-            time.sleep(poll_s)
-
-    cancelled_before, finished_before = read()
-    report = CancelReport()
-    for k in range(tries):
-        leave()
-        report.left_at.append(time.monotonic())
-        watch(k + 1, time.monotonic() + min(2.0, bound_s))  # the usual cancel lands within ~0.5 s
-    watch(tries, report.left_at[-1] + bound_s)
-    time.sleep(1.0)  # the gauges refresh every 0.5 s: a cancel counted twice, or one more answer, would show
-    cancelled, finished = read()
-    report.cancelled, report.finished = cancelled - cancelled_before, finished - finished_before
-    return report
 
 
 def free_port() -> int:
