@@ -17,32 +17,12 @@ No server, no engine; the file runs in ~3 s (importing torch through mmtriton.di
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes.install import install_fake_pb_utils
 
-_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _install_fake_pb_utils() -> types.ModuleType:
-    """The fake under the real module's name, shared with the other glue tests if they loaded it first."""
-    present = sys.modules.get("triton_python_backend_utils")
-    if present is not None:
-        assert hasattr(present, "incoming_request"), f"a different triton_python_backend_utils is loaded: {present}"
-        return present
-    path = _ROOT / "tests" / "fakes" / "triton_python_backend_utils.py"
-    spec = importlib.util.spec_from_file_location("triton_python_backend_utils", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["triton_python_backend_utils"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pb_utils = _install_fake_pb_utils()
+pb_utils = install_fake_pb_utils()
 
 from mmtriton import protocol, triton_bls, triton_io  # noqa: E402
 from mmtriton.engine import EngineDead, GenerationChunk  # noqa: E402

@@ -9,12 +9,9 @@ does). The NIXL layer (``EmbeddingSender`` / ``EmbeddingReceiver``) is real. Abo
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
-import sys
 import threading
-import types
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,23 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fakes.install import install_fake_pb_utils
 
-
-def _install_fake_pb_utils() -> types.ModuleType:
-    """The fake goes into sys.modules under the real module's name, once per session (shared with test_triton_glue)."""
-    present = sys.modules.get("triton_python_backend_utils")
-    if present is not None:
-        assert hasattr(present, "incoming_request"), f"a different triton_python_backend_utils is loaded: {present}"
-        return present
-    path = Path(__file__).resolve().parent / "fakes" / "triton_python_backend_utils.py"
-    spec = importlib.util.spec_from_file_location("triton_python_backend_utils", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["triton_python_backend_utils"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pb_utils = _install_fake_pb_utils()
+pb_utils = install_fake_pb_utils()
 
 from vllm.config import KVTransferConfig  # noqa: E402
 from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
