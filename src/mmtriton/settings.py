@@ -46,6 +46,10 @@ class Settings:
     max_num_seqs: int = 16
     # Seconds a model waits for its vLLM engine to start.
     engine_start_timeout_s: float = 600.0
+    # What a model does when its vLLM engine dies: "restart" it in the same stub (plain tritonserver: the model
+    # stays READY meanwhile, Triton 2.51 lets a Python model say nothing else), or "exit" the stub so the
+    # launcher's supervisor reloads the model and Triton's readiness tells the truth (what bin/serve sets).
+    engine_on_death: str = "restart"
     # Media policy.
     # Media items (images + audio + video) one request may carry.
     max_media_items: int = 8
