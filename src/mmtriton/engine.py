@@ -164,12 +164,23 @@ async def _cancel_when(cancelled: Callable[[], bool], task: asyncio.Task) -> boo
     return True
 
 
+# What VllmEngine does when its engine dies (Settings.engine_on_death).
+ENGINE_DEATH_POLICIES = ("restart", "exit")
+# Under "exit": how long the dying stub waits after the engine's death was seen, so the error responses of the
+# requests that were in flight (raised at once by vLLM's output handler) leave the stub before it goes.
+EXIT_GRACE_S = 1.0
+ENGINE_DEATH_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - the supervisor's log shows it
+
+
 class VllmEngine:
     """Owns one AsyncLLM and the thread whose event loop runs it."""
 
     def __init__(self, engine_args: dict[str, Any], env: dict[str, str] | None = None,
-                 times: StageTimes | None = None):
+                 times: StageTimes | None = None, on_death: str = "restart"):
+        if on_death not in ENGINE_DEATH_POLICIES:
+            raise ValueError(f"engine_on_death {on_death!r} is not one of {', '.join(ENGINE_DEATH_POLICIES)}")
         self.engine_args = engine_args
+        self.on_death = on_death
         self.env = env or {}
         # "first_token" (request in → first output) and "decode" (per token after the first).
         self.times = times or StageTimes()
@@ -231,6 +242,8 @@ class VllmEngine:
             await asyncio.sleep(self.watch_interval_s)
             if not self.llm.errored or self._stop.is_set():  # alive, or going away anyway
                 continue
+            if self.on_death == "exit":
+                await self._exit_for_reload()
             self.restarting = True
             log.error("vLLM engine for %s died; restarting it", self.engine_args.get("model"))
             try:
@@ -248,6 +261,18 @@ class VllmEngine:
                 continue
             finally:
                 self.restarting = False
+
+    async def _exit_for_reload(self) -> None:
+        """Engine death under a supervisor: end this stub process, so the supervisor reloads the model. While it
+        reloads, Triton reports the model (and every ensemble and BLS model in front of it: not loaded) not ready
+        — the only way a Python-backend model can become unready in Triton 2.51."""
+        self.restarting = True  # alive = False: requests arriving in the grace get EngineDead (UNAVAILABLE)
+        log.error("vLLM engine for %s died; ending this stub (pid %d, exit %d) for the supervisor to reload the "
+                  "model (engine_on_death=exit)", self.engine_args.get("model"), os.getpid(), ENGINE_DEATH_EXIT_CODE)
+        await asyncio.sleep(EXIT_GRACE_S)
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.flush()
+        os._exit(ENGINE_DEATH_EXIT_CODE)  # no atexit / finalize: the engine is gone and Triton's side is dead
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         if self.loop is not None and self._stop is not None and not self.loop.is_closed():

@@ -206,6 +206,9 @@ class TritonServer:
         env = stub_environment()
         # The key our prefill signs KV hand-overs with (mmtriton.wire): fresh for every server.
         env.setdefault("MMT_PIPELINE_SECRET", secrets.token_hex(32))
+        if self.config.supervise_stubs:
+            # A dead engine ends its stub and the supervisor reloads the model: not ready until it is back.
+            env.setdefault("MMT_ENGINE_ON_DEATH", "exit")
         env.update(self.config.env)
         log_file = self.config.log_file or (repo_root() / "logs" / "tritonserver.log")
         log_file.parent.mkdir(parents=True, exist_ok=True)

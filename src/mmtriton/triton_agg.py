@@ -25,6 +25,7 @@ class AggModel:
         self.engine = VllmEngine(
             engine_args_for(self.settings, self.pipeline.limit_mm_per_prompt()),
             env={"VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib)},
+            on_death=self.settings.engine_on_death,
         )
         self.engine.start(self.settings.engine_start_timeout_s)
         self.responses = triton_io.ResponseThread(self.logger)
