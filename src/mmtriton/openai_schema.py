@@ -64,6 +64,8 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     return_token_ids: bool = False
+    # vLLM's per-modality decoding options ({"video": {"num_frames": 8}}), checked by the Triton model.
+    media_io_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> str | None:
         if self.n != 1:
@@ -86,6 +88,8 @@ class ChatCompletionRequest(BaseModel):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.media_io_kwargs is not None:
+            out["media_io_kwargs"] = self.media_io_kwargs
         if self.stop:
             out["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
         return out

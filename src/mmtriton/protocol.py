@@ -59,6 +59,29 @@ OUTPUTS: list[dict[str, Any]] = [
 MEDIA_KINDS = ("image", "audio", "video")
 
 
+class VideoOptions(BaseModel):
+    """How one request samples frames from its videos (``media_io_kwargs.video``, vLLM's name). Both None: the
+    settings' defaults (MMT_VIDEO_FPS, MMT_VIDEO_NUM_FRAMES); both set: refused (which one would win?).
+
+    Defined here, not in media/video.py (which re-exports it), because media imports this module."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Sample this many frames evenly over the stream (at most MMT_VIDEO_MAX_FRAMES).
+    num_frames: int | None = Field(default=None, ge=1)
+    # Or sample at this rate: frames per second of video.
+    fps: float | None = Field(default=None, gt=0.0, le=1000.0)
+
+
+class MediaIOKwargs(BaseModel):
+    """``sampling_parameters.media_io_kwargs``: per-modality decoding options, as vLLM's ``media_io_kwargs``
+    (``{"video": {"num_frames": 8}}``). Only video has options; another key is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    video: VideoOptions | None = None
+
+
 class SamplingOptions(BaseModel):
     """``sampling_parameters`` JSON. Unknown keys are refused, so a typo never silently does nothing."""
 
@@ -73,6 +96,8 @@ class SamplingOptions(BaseModel):
     stop: list[str] = Field(default_factory=list)
     # Generate max_tokens whatever the model says (benchmarks want fixed output lengths).
     ignore_eos: bool = False
+    # How media are decoded (frames sampled from videos); not a vLLM SamplingParams field.
+    media_io_kwargs: MediaIOKwargs | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -122,7 +147,21 @@ def parse_sampling_parameters(raw: str | None, settings: Settings) -> SamplingOp
         raise InvalidInput(f"sampling_parameters.max_tokens={options.max_tokens} exceeds {settings.max_tokens_limit}")
     if options.min_tokens > options.max_tokens:
         raise InvalidInput("sampling_parameters.min_tokens must not exceed max_tokens")
+    video = options.media_io_kwargs.video if options.media_io_kwargs is not None else None
+    if video is not None:
+        check_video_options(video, settings, "sampling_parameters.media_io_kwargs.video")
     return options
+
+
+def check_video_options(options: VideoOptions, settings: Settings, where: str) -> None:
+    """Refuse what no video could be sampled by: both num_frames and fps, or more frames than the limit."""
+    if options.num_frames is not None and options.fps is not None:
+        raise InvalidInput(f"{where}: set num_frames or fps, not both")
+    if options.num_frames is not None and options.num_frames > settings.video_max_frames:
+        raise InvalidInput(
+            f"{where}.num_frames={options.num_frames} exceeds the limit of {settings.video_max_frames} frames "
+            "(MMT_VIDEO_MAX_FRAMES)"
+        )
 
 
 def _pydantic_message(exc: ValidationError) -> str:

@@ -56,6 +56,19 @@ class Settings:
     max_media_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_audio_seconds: float = 600.0
+    # Video (media/video.py). Sampling defaults: ``video_fps`` frames per second of video (2.0, as Qwen2-VL's
+    # processor samples), or exactly ``video_num_frames`` evenly over the stream when > 0; a request may choose
+    # either (sampling_parameters.media_io_kwargs.video). Limits, checked before the cost: seconds by the header,
+    # frames decoded per video, pixels of one frame (larger frames are resized down, keeping the aspect ratio),
+    # and pixels of all sampled frames together after that resize.
+    video_fps: float = 2.0
+    video_num_frames: int = 0
+    video_max_frames: int = 32
+    max_video_seconds: float = 600.0
+    # Source resolution refused past this (by the header, before decoding).
+    max_video_source_pixels: int = 4096 * 4096
+    max_video_frame_pixels: int = 640 * 480
+    max_video_total_pixels: int = 32 * 640 * 480
     # Directories from which file:// media may be read; empty = file:// refused.
     allowed_local_media_dirs: tuple[str, ...] = field(default_factory=tuple)
     # Request limits.

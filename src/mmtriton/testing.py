@@ -79,6 +79,88 @@ def tone(seconds: float = 1.0, rate: int = 16000) -> np.ndarray:
     return (0.4 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1234 * t)).astype(np.float32)
 
 
+# Test video containers → the encoder video_bytes uses for them (all in the wheel's FFmpeg).
+VIDEO_CODECS = {"mp4": "libx264", "mkv": "libx264", "webm": "libvpx-vp9", "avi": "mpeg4", "mov": "libx264",
+                "gif": "gif"}
+
+
+def video_frame(width: int, height: int, index: int, seed: int) -> np.ndarray:
+    """Frame ``index`` of a deterministic test video: a pattern that moves with the frame index plus seeded
+    noise, so frames differ from each other and seeds give different content. uint8 [height, width, 3]."""
+    rng = np.random.default_rng([seed, index])
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 4 + index * 9 + seed * 31) % 256, (y * 6 + index * 5) % 256,
+                     ((x + y) * 3 + index * 17) % 256], -1)
+    return ((base + rng.integers(0, 24, size=base.shape)) % 256).astype(np.uint8)
+
+
+def video_bytes(width: int = 64, height: int = 48, seconds: float = 2.0, fps: int = 10, container: str = "mp4",
+                *, seed: int = 0, codec: str | None = None, rotate: int = 0, gop: int | None = None,
+                frame_times: list[float] | None = None, frames: int | None = None) -> bytes:
+    """A deterministic test video by PyAV: H.264 MP4 / MKV / MOV, VP9 WebM, MPEG-4 AVI (or an animated GIF, to
+    be refused). ``seconds * fps`` frames unless ``frames`` says how many; ``rotate``: a display matrix of that
+    many degrees counterclockwise (MP4/MOV/MKV/WebM); ``gop``: frames per keyframe (default 2 s); ``frame_times``:
+    each frame's presentation time in seconds, for a variable-frame-rate stream (timestamps in ms). Odd sizes are
+    encoded as yuv444p by H.264 (4:2:0 needs even sizes)."""
+    import av
+
+    count = frames if frames is not None else len(frame_times) if frame_times is not None else round(seconds * fps)
+    codec = codec or VIDEO_CODECS[container]
+    buf = io.BytesIO()
+    with av.open(buf, "w", format={"mkv": "matroska"}.get(container, container)) as out:
+        if frame_times is not None:
+            from fractions import Fraction
+
+            stream = out.add_stream(codec, rate=fps)
+            stream.codec_context.time_base = Fraction(1, 1000)
+        else:
+            stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        if codec == "gif":
+            stream.pix_fmt = "rgb8"
+        elif codec == "libx264" and (width % 2 or height % 2):
+            stream.pix_fmt = "yuv444p"
+        else:
+            stream.pix_fmt = "yuv420p"
+        if codec != "gif":
+            stream.codec_context.gop_size = gop or max(1, 2 * fps)
+        if codec == "libx264":
+            stream.codec_context.options = {"threads": "1"}  # the same bytes on every machine
+        if rotate:
+            stream.set_display_rotation(rotate)
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(video_frame(width, height, i, seed), format="rgb24")
+            if frame_times is not None:
+                from fractions import Fraction
+
+                frame.pts = round(frame_times[i] * 1000)
+                frame.time_base = Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def audio_only_mp4_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """An MP4 (M4A) with one AAC audio stream and no video: a video container that is not a video."""
+    import av
+
+    buf = io.BytesIO()
+    wave_ = tone(seconds, rate)
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=rate, layout="mono")
+        for start in range(0, wave_.size, 1024):
+            frame = av.AudioFrame.from_ndarray(wave_[None, start:start + 1024], format="flt", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
 def metrics_text(server: _HasMetricsEndpoint) -> str:
     """The server's whole Prometheus text from its :8002-style metrics endpoint."""
     c = server.config

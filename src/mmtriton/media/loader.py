@@ -23,6 +23,7 @@ from mmtriton.media.image import ImageDecoder
 from mmtriton.media.policy import MediaPolicy
 from mmtriton.media.single_flight import SingleFlight
 from mmtriton.media.transport import Fetched, transport_for
+from mmtriton.media.video import SampledVideo, VideoDecoder, VideoLimits, VideoOptions
 from mmtriton.protocol import MediaItem
 from mmtriton.settings import Settings
 
@@ -36,6 +37,7 @@ class MediaLoader:
         self.policy = MediaPolicy.from_settings(settings)
         self.cache: ByteLRU[str, Any] = ByteLRU(settings.media_cache_bytes)
         self._single_flight: SingleFlight[Any] = SingleFlight()
+        self.video_limits = VideoLimits.from_settings(settings)
 
     async def load_image(self, item: MediaItem) -> Image.Image:
         return await self.load(item, ImageDecoder(self.policy.max_image_pixels))
@@ -44,6 +46,11 @@ class MediaLoader:
         """Mono float32 at ``sample_rate``; refused (naming the item) past MMT_MAX_AUDIO_SECONDS or under
         ``min_seconds``, before the cost where the container's header tells."""
         return await self.load(item, AudioDecoder(sample_rate, self.policy.max_audio_seconds, min_seconds))
+
+    async def load_video(self, item: MediaItem, options: VideoOptions | None = None) -> SampledVideo:
+        """The frames sampled by ``options`` (else MMT_VIDEO_FPS / MMT_VIDEO_NUM_FRAMES), within the MMT_*VIDEO*
+        limits; refused (naming the item) before the cost where the header tells. Cached per bytes × sampling."""
+        return await self.load(item, VideoDecoder.for_request(self.video_limits, options, item.where))
 
     async def load(self, item: MediaItem, decoder: MediaDecoder[T]) -> T:
         """``item``'s bytes by its URL's transport, decoded by ``decoder``, through the cache."""
