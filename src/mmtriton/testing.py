@@ -125,7 +125,8 @@ def video_bytes(width: int = 64, height: int = 48, seconds: float = 2.0, fps: in
         if codec != "gif":
             stream.codec_context.gop_size = gop or max(1, 2 * fps)
         if codec == "libx264":
-            stream.codec_context.options = {"threads": "1"}  # the same bytes on every machine
+            # The same bytes on every machine, and keyframes only every `gop` frames (no scene-cut ones).
+            stream.codec_context.options = {"threads": "1", "x264-params": "scenecut=0"}
         if rotate:
             stream.set_display_rotation(rotate)
         for i in range(count):
