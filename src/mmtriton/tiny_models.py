@@ -3,6 +3,8 @@
 Two models share one byte-level BPE tokenizer with the Qwen special tokens and one chat template:
 - ``qwen2-vl``: Qwen2VLForConditionalGeneration (image + video), an image is 4–16 tokens;
 - ``qwen2-audio``: Qwen2AudioForConditionalGeneration.
+A third, ``qwen2.5-omni`` (a Qwen2.5-Omni thinker: image + audio + video in one prompt), has its own tokenizer,
+trained the same way on Omni's special tokens (``<|IMAGE|>``, ``<|VIDEO|>``, ``<|vision_bos|>`` …).
 Weights are drawn from a seeded generator with std 0.15 so greedy output varies (wiring mistakes then change
 tokens). Every build writes byte-identical files. Run ``python -m mmtriton.tiny_models`` to build them.
 """
@@ -83,7 +85,10 @@ _TEXT = dict(
 )
 
 
-def build_tokenizer():
+def build_tokenizer(special_tokens: list[str] = SPECIAL_TOKENS, chat_template: str = CHAT_TEMPLATE,
+                    named_tokens: dict[str, str] | None = None):
+    """A byte-level BPE over ``_CORPUS`` with ``special_tokens`` first (ids 0..n-1). ``named_tokens`` become
+    tokenizer attributes (``image_token`` …) that Qwen2.5-Omni's processor reads."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -92,7 +97,7 @@ def build_tokenizer():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -103,9 +108,10 @@ def build_tokenizer():
         pad_token="<|endoftext|>",
         unk_token=None,
         extra_special_tokens={},
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=special_tokens[1:],
+        chat_template=chat_template,
         model_max_length=4096,
+        **(named_tokens or {}),
     )
 
 
@@ -120,8 +126,8 @@ def _redraw(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * WEIGHT_STD)
 
 
-def _ids(tokenizer) -> dict[str, int]:
-    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+def _ids(tokenizer, special_tokens: list[str] = SPECIAL_TOKENS) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in special_tokens}
 
 
 def _text_config(ids: dict[str, int], **extra) -> dict:
@@ -217,7 +223,96 @@ def build_qwen2_audio(out: Path, tokenizer) -> None:
     save_file(dict(sorted(renamed.items())), weights, metadata={"format": "pt"})
 
 
-BUILDERS = {"qwen2-vl": build_qwen2_vl, "qwen2-audio": build_qwen2_audio}
+# Qwen2.5-Omni's own names (its processor reads them as tokenizer attributes; vLLM's thinker processor then
+# expands <|IMAGE|> / <|VIDEO|> / <|AUDIO|> to the item's token count). Own list, own tokenizer: adding these to
+# SPECIAL_TOKENS would renumber the shared vocabulary and change the other two models' bytes.
+OMNI_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_bos|>",
+    "<|vision_eos|>",
+    "<|IMAGE|>",
+    "<|VIDEO|>",
+    "<|audio_bos|>",
+    "<|AUDIO|>",
+    "<|audio_eos|>",
+]
+OMNI_NAMED_TOKENS = {
+    "image_token": "<|IMAGE|>",
+    "video_token": "<|VIDEO|>",
+    "audio_token": "<|AUDIO|>",
+    "vision_bos_token": "<|vision_bos|>",
+    "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_eos_token": "<|audio_eos|>",
+}
+OMNI_CHAT_TEMPLATE = (
+    CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_bos|><|IMAGE|><|vision_eos|>")
+    .replace("<|vision_start|><|video_pad|><|vision_end|>", "<|vision_bos|><|VIDEO|><|vision_eos|>")
+)
+
+
+def build_qwen2_5_omni(out: Path, _shared_tokenizer) -> None:
+    """A Qwen2.5-Omni thinker only (no talker / token2wav): ``Qwen2_5OmniForConditionalGeneration`` with
+    ``enable_audio_output=False``, weights ``thinker.*`` as vLLM's qwen2_5_omni_thinker.py maps them."""
+    import torch
+    from transformers import (
+        Qwen2_5OmniConfig,
+        Qwen2_5OmniForConditionalGeneration,
+        Qwen2_5OmniProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    tokenizer = build_tokenizer(OMNI_SPECIAL_TOKENS, OMNI_CHAT_TEMPLATE, OMNI_NAMED_TOKENS)
+    ids = _ids(tokenizer, OMNI_SPECIAL_TOKENS)
+    thinker = dict(
+        text_config=_text_config(
+            ids,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=_TEXT["hidden_size"],
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
+            fullatt_block_indexes=[1],
+        ),
+        audio_config=dict(
+            d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, num_mel_bins=128,
+            max_source_positions=1500, n_window=100, output_dim=_TEXT["hidden_size"],
+        ),
+        audio_token_index=ids["<|AUDIO|>"],
+        image_token_index=ids["<|IMAGE|>"],
+        video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"],
+        audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"],  # M-RoPE finds each image / video by it
+        vision_end_token_id=ids["<|vision_eos|>"],
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    config = Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False, torch_dtype="float32")
+    torch.manual_seed(SEED)
+    model = Qwen2_5OmniForConditionalGeneration(config).to(torch.float32).eval()
+    _redraw(model, SEED + 2)
+    # Images as Qwen2-VL: 4..16 tokens. Videos keep the class default size (128..768 merged patches per frame
+    # pair): Qwen2_5OmniProcessor imposes exactly that on every call unless the caller passes min/max_pixels, so
+    # a smaller saved size would only mislead a loader that resizes frames "within the processor's limits".
+    # cap_pixels_per_frame=False: today's behaviour, pinned (transformers 5.22 changes the default).
+    processor = Qwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
+        video_processor=Qwen2VLVideoProcessor(cap_pixels_per_frame=False),
+        feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000),
+        tokenizer=tokenizer,
+        chat_template=OMNI_CHAT_TEMPLATE,
+    )
+    model.generation_config.do_sample = False
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+
+
+BUILDERS = {"qwen2-vl": build_qwen2_vl, "qwen2-audio": build_qwen2_audio, "qwen2.5-omni": build_qwen2_5_omni}
 
 
 def tree_digest(path: Path) -> str:
