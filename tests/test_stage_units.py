@@ -38,9 +38,16 @@ from mmtriton.engine import (  # noqa: E402
     fresh_engine_identity,
     generate_error,
 )
-from mmtriton.families import FAMILIES, Family  # noqa: E402
+from mmtriton.families import FAMILIES, Family, family_for  # noqa: E402
 from mmtriton.media.loader import MediaLoader  # noqa: E402
-from mmtriton.protocol import GenerateRequest, InvalidInput, MediaItem, SamplingOptions  # noqa: E402
+from mmtriton.protocol import (  # noqa: E402
+    GenerateRequest,
+    InvalidInput,
+    MediaIOKwargs,
+    MediaItem,
+    SamplingOptions,
+    VideoOptions,
+)
 from mmtriton.settings import Settings  # noqa: E402
 from mmtriton.transfer import EmbeddingDescriptor, EmbeddingReceiver  # noqa: E402
 from mmtriton.wire import (  # noqa: E402
@@ -353,8 +360,41 @@ def test_check_layout_refuses_what_would_reach_the_engine_wrong() -> None:
         audio.check_layout(audio_layout(3, grid_thw=(1, 2, 2)))
     with pytest.raises(InvalidInput, match="takes no precomputed audio"):
         vl.check_layout(audio_layout(3))
+    vl.check_layout(video_layout(8, (2, 4, 4)))
+    with pytest.raises(InvalidInput, match=r"video embedding: 4 tokens do not match grid \[2, 4, 4\]"):
+        vl.check_layout(video_layout(4, (2, 4, 4)))
     with pytest.raises(InvalidInput, match="takes no precomputed video"):
-        vl.check_layout(MediaLayout(kind="video", grid_thw=(2, 4, 4), num_tokens=8, hidden_size=8))
+        audio.check_layout(video_layout(8, (2, 4, 4)))
+
+
+def video_layout(num_tokens: int, grid: tuple[int, int, int], hidden: int = 8) -> MediaLayout:
+    return MediaLayout(kind="video", grid_thw=grid, num_tokens=num_tokens, hidden_size=hidden)
+
+
+def test_qwen2_vl_image_and_video_embeddings_go_to_their_own_kinds_in_order() -> None:
+    """Prompt order video, image, video: each kind gets its items' tensors in order (vLLM fills each kind's
+    placeholders in order), videos as one flat tensor plus a [t, h, w] row each."""
+    tensors = [torch.full((8, 8), 1.0), torch.full((4, 8), 2.0), torch.full((6, 8), 3.0)]
+    layouts = [video_layout(8, (2, 4, 4)), image_layout(4, (1, 4, 4)), video_layout(6, (1, 4, 6))]
+    mm = family("qwen2-vl").embeddings_mm_data(tensors, layouts)
+    assert sorted(mm) == ["image", "video"]
+    assert torch.equal(mm["video"]["video_embeds"], torch.cat([tensors[0], tensors[2]]))
+    assert mm["video"]["video_grid_thw"].dtype == torch.long
+    assert mm["video"]["video_grid_thw"].tolist() == [[2, 4, 4], [1, 4, 6]]
+    assert torch.equal(mm["image"]["image_embeds"], tensors[1])
+    family("qwen2-vl").check_counts("<|video_pad|><|image_pad|><|video_pad|>", layouts)
+    with pytest.raises(InvalidInput, match="1 video placeholder.* but 2 video"):
+        family("qwen2-vl").check_counts("<|video_pad|><|image_pad|>", layouts)
+
+
+def test_qwen2_5_vl_takes_image_embeddings_only_and_says_why(tmp_path: Path) -> None:
+    """Qwen2.5-VL's video positions need second_per_grid_ts, which vLLM 0.32 takes with pixels only."""
+    qwen25 = family_for(checkpoint(tmp_path, "qwen2_5_vl"))
+    assert qwen25.name == "qwen2-vl" and qwen25.modalities == ("image", "video")
+    assert list(qwen25.embeds) == ["image"] and "second_per_grid_ts" in qwen25.embeds_note
+    with pytest.raises(InvalidInput, match="takes no precomputed video"):
+        qwen25.check_layout(video_layout(8, (2, 4, 4)))
+    assert sorted(family_for(checkpoint(tmp_path / "q2", "qwen2_vl")).embeds) == ["image", "video"]
 
 
 def test_check_counts_refuses_placeholders_without_embeddings_and_the_reverse() -> None:
@@ -427,11 +467,12 @@ class FakeAudioEncoder:
     """A MediaEncoder: ``fake:<tokens>`` URLs load as that many frames of 160 samples; ``bad:`` ones fail by name."""
 
     kind = "audio"
+    kinds = ("audio",)
 
     def __init__(self) -> None:
         self.passes: list[int] = []  # items per encode_many call
 
-    async def load(self, media: MediaLoader, item: MediaItem) -> np.ndarray:
+    async def load(self, media: MediaLoader, item: MediaItem, video: VideoOptions | None = None) -> np.ndarray:
         if not item.url.startswith("fake:"):
             raise InvalidInput(f"{item.where}: cannot decode audio")
         return np.zeros(int(item.url.removeprefix("fake:")) * 160, dtype=np.float32)
@@ -488,6 +529,51 @@ def test_an_encoder_service_batches_requests_and_fails_only_the_bad_one(tmp_path
         service.close()
 
 
+class FakeVisionEncoder:
+    """A MediaEncoder for images and videos: ``img:<tokens>`` / ``vid:<tokens>`` URLs; records the video options
+    each video was loaded with."""
+
+    kind = "image"
+    kinds = ("image", "video")
+
+    def __init__(self) -> None:
+        self.video_options: list[VideoOptions | None] = []
+
+    async def load(self, media: MediaLoader, item: MediaItem, video: VideoOptions | None = None) -> tuple[str, int]:
+        if item.kind == "video":
+            self.video_options.append(video)
+        return item.kind, int(item.url.split(":")[1])
+
+    def encode_many(self, loaded: list[tuple[str, int]]) -> list[EncodedMedia]:
+        return [EncodedMedia(torch.full((n, 8), float(n)), (1, 2, 2 * n)) for _, n in loaded]
+
+
+def test_the_image_encoder_service_encodes_videos_too_and_each_placement_says_its_items_kind(tmp_path: Path) -> None:
+    settings = Settings(model=str(checkpoint(tmp_path, "qwen2_vl")), embedding_pool_mib=4, embedding_ack_timeout_s=30)
+    tower = FakeVisionEncoder()
+    service = EncoderService("image", settings, tower, agent_name=f"{TAG}-vis")
+    receiver = EmbeddingReceiver(f"{TAG}-vis-rcv", 1 << 20)
+    four = VideoOptions(num_frames=4)
+    try:
+        assert service.kinds == ("image", "video")
+        mixed, videos_only, refused = asyncio.run(service.encode_batch([
+            [MediaItem("video", "vid:3", "messages[0].content[0]"), MediaItem("image", "img:2", "m[0].c[1]")],
+            [MediaItem("video", "vid:5", "video_url[0]")],
+            [MediaItem("audio", "a:1", "audio_url[0]")],
+        ], [four, None, None]))
+        assert isinstance(refused, InvalidInput)
+        assert str(refused) == "audio_url[0]: a audio item sent to the image encoder (it encodes: image, video)"
+        assert tower.video_options == [four, None]  # each request's own options
+        placed = [EmbeddingDescriptor.from_json(raw) for raw in [*mixed, *videos_only]]
+        assert [parse_placement(d.extra, "e") for d in placed] == [
+            MediaPlacement(kind="video", grid_thw=(1, 2, 6)), MediaPlacement(kind="image", grid_thw=(1, 2, 4)),
+            MediaPlacement(kind="video", grid_thw=(1, 2, 10))]
+        assert all(torch.equal(receiver.fetch(d, timeout_s=10), torch.full(d.shape, float(d.shape[0]))) for d in placed)
+    finally:
+        receiver.close()
+        service.close()
+
+
 # --- Orchestrator ---------------------------------------------------------------------------------------------------
 
 
@@ -495,13 +581,13 @@ class StageCalls:
     """The Orchestrator's stage callables, recording what they were asked."""
 
     def __init__(self) -> None:
-        self.encoded: list[tuple[str, list[MediaItem]]] = []
+        self.encoded: list[tuple[str, list[MediaItem], MediaIOKwargs | None]] = []
         self.prefilled: list[PrefillRequest] = []
         self.decoded: list[DecodeRequest] = []
         self.result = PrefillResult(kv_transfer_params={"remote_engine_id": "p0"}, num_input_tokens=9)
 
-    async def encode(self, kind: str, items: list[MediaItem]) -> list[str]:
-        self.encoded.append((kind, items))
+    async def encode(self, encoder: str, items: list[MediaItem], options: MediaIOKwargs | None) -> list[str]:
+        self.encoded.append((encoder, items, options))
         return [f"descriptor-of-{item.where}" for item in items]
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
@@ -512,9 +598,10 @@ class StageCalls:
         self.decoded.append(request)
 
 
-def user_request(*parts: dict[str, Any], media: list[MediaItem], stream: bool = False) -> GenerateRequest:
+def user_request(*parts: dict[str, Any], media: list[MediaItem], stream: bool = False,
+                 sampling: SamplingOptions | None = None) -> GenerateRequest:
     return GenerateRequest(messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "what?"}]}],
-                           media=media, sampling=SamplingOptions(max_tokens=3), stream=stream)
+                           media=media, sampling=sampling or SamplingOptions(max_tokens=3), stream=stream)
 
 
 def test_an_audio_request_goes_to_the_audio_encoder_only(tiny_models: dict[str, Path]) -> None:
@@ -525,7 +612,7 @@ def test_an_audio_request_goes_to_the_audio_encoder_only(tiny_models: dict[str, 
     asyncio.run(orchestrator.run(user_request({"type": "audio"}, {"type": "audio"}, media=clips, stream=True),
                                  calls.decode))
 
-    assert calls.encoded == [("audio", clips)]
+    assert calls.encoded == [("audio", clips, None)]
     [prefill] = calls.prefilled
     assert prefill.embeddings == ["descriptor-of-messages[0].content[0]", "descriptor-of-messages[0].content[1]"]
     assert prefill.prompt.count("<|AUDIO|>") == 2 and prefill.stream and prefill.sampling.max_tokens == 3
@@ -543,14 +630,25 @@ def test_a_text_only_request_calls_no_encoder(tiny_models: dict[str, Path]) -> N
     assert [p.embeddings for p in calls.prefilled] == [[]] and len(calls.decoded) == 1
 
 
-def test_video_is_refused_by_name_on_the_disaggregated_path(tiny_models: dict[str, Path]) -> None:
+def test_images_and_videos_go_to_encoder_image_in_prompt_order_with_the_requests_video_options(
+        tiny_models: dict[str, Path]) -> None:
     calls = StageCalls()
     orchestrator = Orchestrator(Settings(model=str(tiny_models["qwen2-vl"])), calls.encode, calls.prefill)
-    media = [MediaItem("image", "data:i", "image_url[0]"), MediaItem("video", "data:v", "video_url[0]")]
+    media = [MediaItem("video", "data:v0", "messages[0].content[0]"),
+             MediaItem("image", "data:i0", "messages[0].content[1]"),
+             MediaItem("video", "data:v1", "messages[0].content[2]")]
+    options = MediaIOKwargs(video=VideoOptions(num_frames=4))
 
-    with pytest.raises(InvalidInput, match=r"^video_url\[0\]: video is not served by the disaggregated path"):
-        asyncio.run(orchestrator.run(user_request({"type": "image"}, {"type": "video"}, media=media), calls.decode))
-    assert (calls.encoded, calls.prefilled, calls.decoded) == ([], [], [])  # refused before any stage ran
+    asyncio.run(orchestrator.run(user_request({"type": "video"}, {"type": "image"}, {"type": "video"}, media=media,
+                                              sampling=SamplingOptions(max_tokens=3, media_io_kwargs=options)),
+                                 calls.decode))
+
+    assert calls.encoded == [("image", media, options)]  # one call: Qwen2-VL's one tower serves both kinds
+    [prefill] = calls.prefilled
+    assert prefill.embeddings == [f"descriptor-of-messages[0].content[{i}]" for i in range(3)]
+    assert prefill.prompt.count("<|video_pad|>") == 2 and prefill.prompt.count("<|image_pad|>") == 1
+    assert prefill.prompt.index("<|video_pad|>") < prefill.prompt.index("<|image_pad|>")
+    assert prefill.sampling.media_io_kwargs == options and calls.decoded[0].sampling.media_io_kwargs == options
 
 
 def test_media_a_family_does_not_take_is_refused_before_any_stage(tiny_models: dict[str, Path]) -> None:

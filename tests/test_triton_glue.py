@@ -465,10 +465,13 @@ class FakeEncoderService:
 
     def __init__(self) -> None:
         self.batches: list[list[list[str]]] = []
+        self.video_options: list = []  # per batch: each request's VideoOptions (or None)
 
-    async def encode_batch(self, requests):
+    async def encode_batch(self, requests, video_options=None):
         self.batches.append([[item.url for item in items] for items in requests])
-        return [[f'{{"url": "{item.url}", "where": "{item.where}"}}' for item in items] for items in requests]
+        self.video_options.append(video_options)
+        return [[f'{{"url": "{item.url}", "where": "{item.where}", "kind": "{item.kind}"}}' for item in items]
+                for items in requests]
 
 
 def load_model_py(name: str):
@@ -509,3 +512,66 @@ def test_encoder_image_batches_requests_and_answers_a_bad_one_alone():
     assert b"http://x/c.png" in last[0, 0]
     assert bad.has_error() and bad.error().code() == pb_utils.TritonError.INVALID_ARG
     assert error_class(bad.error().message()) == ("invalid_input", "image_url[0] is not valid UTF-8")
+
+
+def encoder_request(inputs: dict[str, list[bytes]]):
+    return pb_utils.incoming_request({name: np.array([values], dtype=np.object_) for name, values in inputs.items()},
+                                     requested_output_names=["embeddings"], decoupled=False,
+                                     model_name="encoder_image")
+
+
+def test_encoder_image_takes_videos_with_their_labels_and_the_requests_media_options():
+    from mmtriton.protocol import VideoOptions
+
+    model = load_model_py("encoder_image").TritonPythonModel()
+    model.service = FakeEncoderService()
+    model.loop = asyncio.new_event_loop()
+    try:
+        responses = model.execute([
+            encoder_request({"video_url": [b"data:v0", b"data:v1"], "video_label": [b"m[0].c[0]", b"m[0].c[2]"],
+                             "image_url": [b"data:i0"], "media_options": [b'{"video": {"num_frames": 4}}']}),
+            encoder_request({"video_url": [b"data:v2"], "media_options": [b""]}),
+            encoder_request({"video_url": [b"data:v3"], "media_options": [b'{"video": {"frames": 4}}']}),
+        ])
+    finally:
+        model.loop.close()
+
+    assert model.service.batches == [[["data:i0", "data:v0", "data:v1"], ["data:v2"]]]  # images, then videos
+    assert model.service.video_options == [[VideoOptions(num_frames=4), None]]
+    first = pb_utils.get_output_tensor_by_name(responses[0], "embeddings").as_numpy()
+    assert [b'"kind": "video"' in d and b"m[0].c[2]" in d for d in first[0]] == [False, False, True]
+    second = pb_utils.get_output_tensor_by_name(responses[1], "embeddings").as_numpy()
+    assert b"video_url[0]" in second[0, 0]  # no labels: named by index
+    bad = responses[2]
+    assert bad.has_error() and bad.error().code() == pb_utils.TritonError.INVALID_ARG
+    assert "media_options: not valid media_io_kwargs" in bad.error().message()
+
+
+def test_bls_sends_images_and_videos_to_encoder_image_and_keeps_the_prompt_order():
+    """multimodal_bls → (fake BLS) → encoder_image's real adapter: the encoder answers images then videos; BLS
+    puts the descriptors back in the items' order, and the video options arrive as media_options."""
+    from mmtriton import triton_bls
+    from mmtriton.protocol import MediaIOKwargs, MediaItem, VideoOptions
+
+    encoder = load_model_py("encoder_image").TritonPythonModel()
+    encoder.service = FakeEncoderService()
+    encoder.loop = asyncio.new_event_loop()
+    pb_utils.register_model("encoder_image", lambda request: encoder.execute([request])[0])
+    bls = triton_bls.BlsModel()
+    bls.timeout_us = 10_000_000
+    items = [MediaItem("video", "data:v0", "messages[0].content[0]"),
+             MediaItem("image", "data:i0", "messages[0].content[1]"),
+             MediaItem("video", "data:v1", "messages[0].content[2]")]
+    options = MediaIOKwargs(video=VideoOptions(fps=1.0))
+    try:
+        descriptors = asyncio.run(bls.encode("image", items, options))
+        images_only = asyncio.run(bls.encode("image", items[1:2], options))
+    finally:
+        encoder.loop.close()
+
+    assert [d.split('"where": "')[1].split('"')[0] for d in descriptors] == [i.where for i in items]
+    assert encoder.service.video_options == [[VideoOptions(fps=1.0)], [None]]  # no videos: no media_options sent
+    assert len(images_only) == 1
+    first_call = pb_utils.bls_calls()[0]
+    assert sorted(t.name() for t in first_call.inputs()) == [
+        "image_label", "image_url", "media_options", "video_label", "video_url"]

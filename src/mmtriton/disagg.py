@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mmtriton.chat import ChatFormatter
+from mmtriton.encoder_service import SERVED_KINDS
 from mmtriton.engine import (
     EngineDead,
     GenerationChunk,
@@ -25,7 +26,7 @@ from mmtriton.engine import (
     to_vllm_sampling,
 )
 from mmtriton.families import Family, checkpoint_config, family_for
-from mmtriton.protocol import GenerateRequest, InvalidInput, MediaItem
+from mmtriton.protocol import GenerateRequest, InvalidInput, MediaIOKwargs, MediaItem
 from mmtriton.settings import Settings
 from mmtriton.transfer import EmbeddingDescriptor, EmbeddingReceiver
 from mmtriton.wire import (
@@ -160,12 +161,15 @@ def embeddings_only_limits(family: Family) -> dict[str, int]:
     With ``enable_mm_embeds``, vLLM then builds no tower for those kinds (a placeholder module, no weights
     loaded) yet still takes their embeddings, without counting them: PrefillService bounds the count.
     (A limit above 0 for any kind a tower serves, e.g. image for Qwen2-VL's image+video tower, builds it.)
+    Measured on vLLM 0.32 CPU: Qwen2-VL with {"image": 0, "video": 0} takes ``video_embeds`` + ``video_grid_thw``
+    and gives the tokens the same engine gives for the frames' pixels.
     """
     return dict.fromkeys(family.modalities, 0)
 
 
 # ---- orchestration (BLS) ---------------------------------------------------------------------------------
-EncodeCall = Callable[[str, list[MediaItem]], Awaitable[list[str]]]  # (kind, items) → descriptor JSON strings
+# (encoder, its items in prompt order, the request's media options) → one descriptor JSON string per item, in order.
+EncodeCall = Callable[[str, list[MediaItem], MediaIOKwargs | None], Awaitable[list[str]]]
 PrefillCall = Callable[[PrefillRequest], Awaitable[PrefillResult]]
 DecodeCall = Callable[[DecodeRequest], Awaitable[None]]
 
@@ -182,8 +186,9 @@ class RequestPlanner:
         self.family.check_media([m.kind for m in request.media], self.model_path)
         for item in request.media:
             if item.kind not in self.family.embeds:
+                why = f" ({self.family.embeds_note})" if self.family.embeds_note else ""
                 raise InvalidInput(f"{item.where}: {item.kind} is not served by the disaggregated path for "
-                                   f"{self.family.name} yet; use multimodal_agg")
+                                   f"{self.family.name}{why}; use multimodal_agg")
         prefill = PrefillRequest(prompt=self.chat.render(request.messages), sampling=request.sampling,
                                  stream=request.stream)
         return prefill, list(request.media)
@@ -191,6 +196,11 @@ class RequestPlanner:
 
 def items_of(kind: str, items: Iterable[MediaItem]) -> list[MediaItem]:
     return [m for m in items if m.kind == kind]
+
+
+def encoder_items(encoder: str, items: Iterable[MediaItem]) -> list[MediaItem]:
+    """The items encoder_<encoder> encodes (encoder_image: images and videos), in prompt order."""
+    return [m for m in items if m.kind in SERVED_KINDS[encoder]]
 
 
 def parse_descriptor(raw: str) -> EmbeddingDescriptor:
@@ -204,7 +214,7 @@ def decode_request_for(request: PrefillRequest, result: PrefillResult) -> Decode
     return DecodeRequest(prompt=request.prompt, prefill=result, sampling=request.sampling, stream=request.stream)
 
 
-ENCODED_KINDS = ("image", "audio")  # the kinds an encoder model serves (encoder_<kind>)
+ENCODED_KINDS = ("image", "audio")  # the encoder models (encoder_<kind>); the media kinds each serves: SERVED_KINDS
 
 
 class Orchestrator:
@@ -218,9 +228,10 @@ class Orchestrator:
     async def run(self, request: GenerateRequest, decode: DecodeCall) -> None:
         """``decode`` streams the answer to this request's client."""
         prefill_request, media = self.planner.plan(request)
-        work = [(kind, items) for kind in ENCODED_KINDS if (items := items_of(kind, media))]
+        work = [(encoder, items) for encoder in ENCODED_KINDS if (items := encoder_items(encoder, media))]
         if work:
-            encoded = await asyncio.gather(*(self.encode(kind, items) for kind, items in work))
+            options = request.sampling.media_io_kwargs
+            encoded = await asyncio.gather(*(self.encode(encoder, items, options) for encoder, items in work))
             prefill_request.embeddings = [d for descriptors in encoded for d in descriptors]
         result = await self.prefill(prefill_request)
         await decode(decode_request_for(prefill_request, result))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,15 @@ def _qwen2_vl_images(tensors: list[torch.Tensor], layouts: list[MediaLayout]) ->
                       "image_grid_thw": torch.tensor([list(m.grid_thw or ()) for m in layouts], dtype=torch.long)}}
 
 
+def _qwen2_vl_videos(tensors: list[torch.Tensor], layouts: list[MediaLayout]) -> dict[str, Any]:
+    import torch
+
+    # As images: one flat tensor plus one [t, h, w] row per video. Qwen2-VL's M-RoPE needs nothing else (its
+    # vLLM field config has no second_per_grid_ts: every temporal step is one position).
+    return {"video": {"video_embeds": torch.cat(tensors),
+                      "video_grid_thw": torch.tensor([list(m.grid_thw or ()) for m in layouts], dtype=torch.long)}}
+
+
 def _check_no_grid(layout: MediaLayout, _merge_size: int) -> None:
     if layout.grid_thw is not None:
         raise InvalidInput(f"{layout.kind} embedding: unexpected grid_thw {list(layout.grid_thw)}")
@@ -64,6 +73,7 @@ def _qwen2_audio(tensors: list[torch.Tensor], _layouts: list[MediaLayout]) -> di
 
 
 QWEN2_VL_IMAGE = EmbedsFormat(_check_grid, _qwen2_vl_images, "<|image_pad|>")
+QWEN2_VL_VIDEO = EmbedsFormat(_check_grid, _qwen2_vl_videos, "<|video_pad|>")
 QWEN2_AUDIO = EmbedsFormat(_check_no_grid, _qwen2_audio, "<|AUDIO|>")
 
 
@@ -73,10 +83,16 @@ class Family:
     model_types: tuple[str, ...]
     # Media kinds the model takes, in the order of the public contract.
     modalities: tuple[str, ...]
-    # Precomputed-embedding formats by media kind (the kinds our encoders serve for this family).
+    # Precomputed-embedding formats by media kind (the kinds our encoders serve for this family). A kind the
+    # family takes but has no format for is served by multimodal_agg only (the disaggregated path refuses it).
     embeds: dict[str, EmbedsFormat] = field(default_factory=dict)
     # Qwen2-VL: patches merged per token side.
     merge_size: int = 2
+    # Model types of the family whose embeddings formats differ: model type → (formats, why), e.g. one that
+    # vLLM cannot take a kind's embeddings for with the right positions. family_for applies it.
+    embeds_by_model_type: dict[str, tuple[dict[str, EmbedsFormat], str]] = field(default_factory=dict)
+    # Why the kinds left out of ``embeds`` are (said in the disaggregated path's refusal).
+    embeds_note: str = ""
 
     def check_layout(self, layout: MediaLayout) -> None:
         """Refuse embeddings whose kind, shape and grid disagree, before they can reach (and kill) the engine."""
@@ -112,7 +128,13 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("qwen2-vl", ("qwen2_vl", "qwen2_5_vl"), ("image", "video"), embeds={"image": QWEN2_VL_IMAGE}),
+    Family("qwen2-vl", ("qwen2_vl", "qwen2_5_vl"), ("image", "video"),
+           embeds={"image": QWEN2_VL_IMAGE, "video": QWEN2_VL_VIDEO},
+           # Qwen2.5-VL's M-RoPE spaces a video's temporal positions by second_per_grid_ts, which vLLM 0.32 takes
+           # with pixels only (its embeddings fields are Qwen2-VL's): decode could not rebuild the positions.
+           embeds_by_model_type={"qwen2_5_vl": ({"image": QWEN2_VL_IMAGE}, "vLLM 0.32 takes Qwen2.5-VL video "
+                                                "embeddings without second_per_grid_ts, so their positions would "
+                                                "be wrong")}),
     Family("qwen2-audio", ("qwen2_audio",), ("audio",), embeds={"audio": QWEN2_AUDIO}),
     Family("llava", ("llava",), ("image",)),
 )
@@ -136,5 +158,8 @@ def family_for(model_path: str | Path) -> Family:
     model_type = model_type_of(model_path)
     for family in FAMILIES:
         if model_type in family.model_types:
+            if model_type in family.embeds_by_model_type:
+                embeds, note = family.embeds_by_model_type[model_type]
+                return replace(family, embeds=embeds, embeds_note=note)
             return family
     return TEXT_ONLY

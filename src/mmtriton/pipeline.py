@@ -1,8 +1,9 @@
 """Request → engine input, as plain Python (no Triton): what the aggregated model runs per request.
 
 ``AggregatedPipeline.prepare`` renders the chat template, loads and decodes every media item (through the shared
-MediaLoader: http(s) with its URL policy, decoded-media caches), and returns the vLLM prompt (text +
-``multi_modal_data``) with the raw media left to vLLM's own processor.
+MediaLoader: http(s) with its URL policy, decoded-media caches; videos: frames sampled as the request's
+``media_io_kwargs.video`` says), and returns the vLLM prompt (text + ``multi_modal_data``) with the raw media left
+to vLLM's own processor.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from mmtriton.chat import ChatFormatter
 from mmtriton.families import Family, family_for
 from mmtriton.media.loader import MediaLoader
-from mmtriton.protocol import GenerateRequest, InvalidInput, MediaItem
+from mmtriton.protocol import GenerateRequest, InvalidInput, MediaItem, VideoOptions
 from mmtriton.settings import Settings
 
 
@@ -36,7 +37,7 @@ class AggregatedPipeline:
             self._audio_spec = AudioSpec.of(self.model_path)
         return self._audio_spec
 
-    async def load_media(self, item: MediaItem) -> Any:
+    async def load_media(self, item: MediaItem, video: VideoOptions | None = None) -> Any:
         if item.kind == "image":
             return await self.media.load_image(item)
         if item.kind == "audio":
@@ -44,13 +45,19 @@ class AggregatedPipeline:
             wave = await self.media.load_audio(item, spec.sample_rate)
             spec.check_length(wave, item.where)  # vLLM's own refusal would not name the item
             return (wave, spec.sample_rate)
+        if item.kind == "video":
+            sampled = await self.media.load_video(item, video)
+            # vLLM's (frames, metadata) form; the frames are already sampled (metadata says do_sample_frames=False).
+            return (sampled.frames, sampled.vllm_metadata())
         raise InvalidInput(f"{item.where}: {item.kind} input is not supported by the aggregated model yet")
 
     async def prepare(self, request: GenerateRequest) -> dict[str, Any]:
         """The vLLM prompt: {"prompt": str, "multi_modal_data": {...}}."""
         self.family.check_media([m.kind for m in request.media], self.model_path)
         prompt: dict[str, Any] = {"prompt": self.chat.render(request.messages)}
-        loaded = await asyncio.gather(*(self.load_media(item) for item in request.media))
+        io_kwargs = request.sampling.media_io_kwargs
+        video = io_kwargs.video if io_kwargs is not None else None
+        loaded = await asyncio.gather(*(self.load_media(item, video) for item in request.media))
         mm: dict[str, list[Any]] = {}
         for item, value in zip(request.media, loaded, strict=True):
             mm.setdefault(item.kind, []).append(value)

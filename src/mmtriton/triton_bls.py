@@ -14,9 +14,10 @@ import triton_python_backend_utils as pb_utils
 
 from mmtriton import triton_io
 from mmtriton.disagg import Orchestrator
+from mmtriton.encoder_service import SERVED_KINDS
 from mmtriton.engine import EngineDead
 from mmtriton.lifetime import ReleaseLater
-from mmtriton.protocol import INPUTS, OUTPUTS, InvalidInput, MediaItem, error_class, parse_request
+from mmtriton.protocol import INPUTS, OUTPUTS, InvalidInput, MediaIOKwargs, MediaItem, error_class, parse_request
 from mmtriton.wire import DecodeRequest, PrefillRequest, PrefillResult, parse_stage
 
 INPUT_NAMES = [i["name"] for i in INPUTS]
@@ -88,19 +89,28 @@ class BlsModel:
             decode=lambda decode_request: asyncio.to_thread(self.decode, decode_request, channel),
         )
 
-    async def encode(self, kind: str, items: list[MediaItem]) -> list[str]:
-        stage = f"encoder_{kind}"
-        request = pb_utils.InferenceRequest(
-            model_name=stage,
-            # [1, items]: the encoders batch requests.
-            inputs=[string_tensor(f"{kind}_url", [i.url for i in items], batched=True),
-                    string_tensor(f"{kind}_label", [i.where for i in items], batched=True)],
-            requested_output_names=["embeddings"], timeout=self.timeout_us,
-        )
+    async def encode(self, encoder: str, items: list[MediaItem], options: MediaIOKwargs | None) -> list[str]:
+        """encoder_<encoder>'s descriptors for ``items`` (prompt order), in that order: the encoder answers each
+        kind's inputs in SERVED_KINDS order, so its answer is put back in the items' order."""
+        stage = f"encoder_{encoder}"
+        inputs = []
+        for kind in SERVED_KINDS[encoder]:
+            mine = [i for i in items if i.kind == kind]
+            if mine:  # [1, items]: the encoders batch requests
+                inputs += [string_tensor(f"{kind}_url", [i.url for i in mine], batched=True),
+                           string_tensor(f"{kind}_label", [i.where for i in mine], batched=True)]
+        if options is not None and any(i.kind == "video" for i in items):  # what decides how videos are sampled
+            inputs.append(string_tensor("media_options", [options.model_dump_json(exclude_none=True)], batched=True))
+        request = pb_utils.InferenceRequest(model_name=stage, inputs=inputs, requested_output_names=["embeddings"],
+                                            timeout=self.timeout_us)
         response = await request.async_exec()
         raise_for(response, stage)
         raw = pb_utils.get_output_tensor_by_name(response, "embeddings").as_numpy().reshape(-1)
-        return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+        if len(raw) != len(items):
+            raise RuntimeError(f"{stage} answered {len(raw)} descriptors for {len(items)} items")
+        answered = iter(r.decode() if isinstance(r, bytes) else str(r) for r in raw)
+        by_kind = {kind: [next(answered) for i in items if i.kind == kind] for kind in SERVED_KINDS[encoder]}
+        return [by_kind[i.kind].pop(0) for i in items]
 
     async def prefill(self, prefill_request: PrefillRequest) -> PrefillResult:
         request = pb_utils.InferenceRequest(

@@ -1,5 +1,7 @@
 """The encoder models' Triton adapter (``encoder_image``, ``encoder_audio``): one class, the modality a parameter.
 
+Each encoder takes ``<kind>_url`` / ``<kind>_label`` for every media kind it serves (encoder_image: image and
+video) and an optional ``media_options`` (the request's ``media_io_kwargs`` JSON: how videos are sampled).
 Triton's dynamic batching hands ``execute`` several requests; their items go through the tower in one forward
 pass (:meth:`EncoderService.encode_batch`), and a request whose item fails gets its own error.
 """
@@ -12,22 +14,43 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmtriton import triton_io
-from mmtriton.encoder_service import EncoderService, media_encoder_for
+from mmtriton.encoder_service import SERVED_KINDS, EncoderService, media_encoder_for
 from mmtriton.engine import resolve_dtype
-from mmtriton.protocol import MediaItem, input_strings
+from mmtriton.protocol import InvalidInput, MediaIOKwargs, MediaItem, VideoOptions, input_string, input_strings
+
+MEDIA_OPTIONS = "media_options"
 
 
-def request_items(request, kind: str) -> list[MediaItem] | Exception:
-    """A request's ``<kind>_url`` items, named as the client named them (``<kind>_label``) or by index."""
+def input_names(encoder: str) -> list[str]:
+    """The encoder model's inputs: url and label per media kind it serves, then media_options."""
+    return [f"{k}_{part}" for k in SERVED_KINDS[encoder] for part in ("url", "label")] + [MEDIA_OPTIONS]
+
+
+def request_items(request, encoder: str) -> tuple[list[MediaItem], VideoOptions | None] | Exception:
+    """A request's items (each served kind's ``<kind>_url``, named as the client named them (``<kind>_label``)
+    or by index; kinds in SERVED_KINDS order) and its video sampling options."""
     try:
-        inputs = triton_io.read_inputs(request, [f"{kind}_url", f"{kind}_label"])
-        urls = input_strings(inputs[f"{kind}_url"], f"{kind}_url")
-        labels = input_strings(inputs[f"{kind}_label"], f"{kind}_label")
-        if len(labels) != len(urls):
-            labels = [f"{kind}_url[{i}]" for i in range(len(urls))]
-        return [MediaItem(kind, u, label) for u, label in zip(urls, labels, strict=True)]
+        inputs = triton_io.read_inputs(request, input_names(encoder))
+        items: list[MediaItem] = []
+        for kind in SERVED_KINDS[encoder]:
+            urls = input_strings(inputs.get(f"{kind}_url"), f"{kind}_url")
+            labels = input_strings(inputs.get(f"{kind}_label"), f"{kind}_label")
+            if len(labels) != len(urls):
+                labels = [f"{kind}_url[{i}]" for i in range(len(urls))]
+            items += [MediaItem(kind, u, label) for u, label in zip(urls, labels, strict=True)]
+        return items, parse_media_options(input_string(inputs.get(MEDIA_OPTIONS), MEDIA_OPTIONS))
     except Exception as exc:  # noqa: BLE001 - answered as this request's error
         return exc
+
+
+def parse_media_options(raw: str | None) -> VideoOptions | None:
+    """``media_options``: MediaIOKwargs JSON (validated again here: the encoders are reachable directly)."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return MediaIOKwargs.model_validate_json(raw).video
+    except ValueError as exc:
+        raise InvalidInput(f"{MEDIA_OPTIONS}: not valid media_io_kwargs ({str(exc).splitlines()[0]})") from exc
 
 
 def descriptors_response(descriptors: list[str]):
@@ -65,11 +88,12 @@ class EncoderModel:
 
     def execute(self, requests):
         batch = [request_items(request, self.KIND) for request in requests]
-        valid = [items for items in batch if not isinstance(items, Exception)]
-        encoded = iter(self.loop.run_until_complete(self.service.encode_batch(valid)) if valid else [])
+        valid = [read for read in batch if not isinstance(read, Exception)]
+        encoded = iter(self.loop.run_until_complete(self.service.encode_batch(
+            [items for items, _ in valid], [video for _, video in valid])) if valid else [])
         responses = []
-        for items in batch:
-            result = items if isinstance(items, Exception) else next(encoded)
+        for read in batch:
+            result = read if isinstance(read, Exception) else next(encoded)
             if isinstance(result, BaseException):
                 responses.append(triton_io.error_response(result))
             else:

@@ -1,5 +1,5 @@
-"""encoder_image: image URLs → embeddings over NIXL (one JSON descriptor per image).
-Thin adapter: mmtriton.triton_encoder.EncoderModel for images."""
+"""encoder_image: image and video URLs → embeddings over NIXL (one JSON descriptor per item).
+Thin adapter: mmtriton.triton_encoder.EncoderModel for Qwen2-VL's vision tower (images and videos)."""
 
 from mmtriton.triton_encoder import EncoderModel
 
