@@ -121,11 +121,14 @@ def test_decodes_the_sampled_frames_of_each_container_exactly(container):
     assert video.fps == pytest.approx(10.0) and video.duration_s == pytest.approx(2.0, abs=0.01)
 
 
-def test_seeds_give_different_frames_and_one_seed_the_same_bytes():
-    assert video_bytes(seed=1) == video_bytes(seed=1)
-    a = decode_video(video_bytes(seed=1), WHERE, LIMITS, num_frames=2).frames
-    b = decode_video(video_bytes(seed=2), WHERE, LIMITS, num_frames=2).frames
-    assert np.abs(a.astype(int) - b.astype(int)).mean() > 10
+def test_seeds_give_different_frames_and_one_seed_the_same_frames():
+    for container in ("webm", "avi"):
+        assert video_bytes(container=container, seed=1) == video_bytes(container=container, seed=1), container
+    a = decode_video(video_bytes(seed=1), WHERE, LIMITS, num_frames=2).frames.astype(int)
+    again = decode_video(video_bytes(seed=1), WHERE, LIMITS, num_frames=2).frames.astype(int)
+    b = decode_video(video_bytes(seed=2), WHERE, LIMITS, num_frames=2).frames.astype(int)
+    assert np.abs(a - again).mean() < 4.0  # libx264's bytes may differ a little from run to run (testing.py)
+    assert np.abs(a - b).mean() > 10
 
 
 def test_only_the_sampled_frames_are_decoded():

@@ -101,20 +101,26 @@ def video_bytes(width: int = 64, height: int = 48, seconds: float = 2.0, fps: in
     be refused). ``seconds * fps`` frames unless ``frames`` says how many; ``rotate``: a display matrix of that
     many degrees counterclockwise (MP4/MOV/MKV/WebM); ``gop``: frames per keyframe (default 2 s); ``frame_times``:
     each frame's presentation time in seconds, for a variable-frame-rate stream (timestamps in ms). Odd sizes are
-    encoded as yuv444p by H.264 (4:2:0 needs even sizes)."""
+    encoded as yuv444p by H.264 (4:2:0 needs even sizes).
+
+    The frames are deterministic, and so are VP9 WebM and MPEG-4 AVI bytes (bitexact muxing); libx264's are not
+    always: in a pytest process that had run other tests, about one call in three gave a slightly different
+    encoding of the same frames (same options, the first packets equal, later ones a few bytes apart, decoded
+    pixels ~2 levels apart on average), even with threads=1 and the YUV conversion done here. Generate once and
+    reuse the bytes where a test needs the same bytes twice (cache hits)."""
+    from fractions import Fraction
+
     import av
 
     count = frames if frames is not None else len(frame_times) if frame_times is not None else round(seconds * fps)
     codec = codec or VIDEO_CODECS[container]
     buf = io.BytesIO()
-    with av.open(buf, "w", format={"mkv": "matroska"}.get(container, container)) as out:
+    # bitexact: no random Matroska UIDs, no version strings that vary.
+    with av.open(buf, "w", format={"mkv": "matroska"}.get(container, container),
+                 options={"fflags": "+bitexact"}) as out:
+        stream = out.add_stream(codec, rate=fps)
         if frame_times is not None:
-            from fractions import Fraction
-
-            stream = out.add_stream(codec, rate=fps)
             stream.codec_context.time_base = Fraction(1, 1000)
-        else:
-            stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         if codec == "gif":
             stream.pix_fmt = "rgb8"
@@ -126,21 +132,48 @@ def video_bytes(width: int = 64, height: int = 48, seconds: float = 2.0, fps: in
             stream.codec_context.gop_size = gop or max(1, 2 * fps)
         if codec == "libx264":
             # The same bytes on every machine, and keyframes only every `gop` frames (no scene-cut ones).
-            stream.codec_context.options = {"threads": "1", "x264-params": "scenecut=0"}
+            stream.codec_context.options = {"threads": "1", "x264-params": "scenecut=0", "flags": "+bitexact"}
         if rotate:
             stream.set_display_rotation(rotate)
         for i in range(count):
-            frame = av.VideoFrame.from_ndarray(video_frame(width, height, i, seed), format="rgb24")
+            frame = _encoder_input(video_frame(width, height, i, seed), stream.pix_fmt)
             if frame_times is not None:
-                from fractions import Fraction
-
                 frame.pts = round(frame_times[i] * 1000)
                 frame.time_base = Fraction(1, 1000)
+            else:
+                frame.pts = i
+                frame.time_base = Fraction(1, fps)
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
     return buf.getvalue()
+
+
+def _encoder_input(rgb: np.ndarray, pix_fmt: str):
+    """``rgb`` as the encoder's pixel format, converted here (BT.601 limited range, as FFmpeg's default) rather
+    than by swscale inside encode(); odd 4:2:0 sizes and GIF still go through swscale."""
+    import av
+
+    if pix_fmt not in ("yuv420p", "yuv444p") or (pix_fmt == "yuv420p" and (rgb.shape[0] % 2 or rgb.shape[1] % 2)):
+        return av.VideoFrame.from_ndarray(rgb, format="rgb24")
+    r, g, b = (rgb[..., c].astype(np.float64) for c in range(3))
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+
+    def to8(plane: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(plane), 0, 255).astype(np.uint8)
+
+    if pix_fmt == "yuv444p":
+        return av.VideoFrame.from_ndarray(np.stack([to8(y), to8(u), to8(v)]), format="yuv444p")
+    h, w = y.shape
+
+    def half(plane: np.ndarray) -> np.ndarray:  # 2x2 mean: 4:2:0 chroma
+        return to8(plane.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)))
+
+    stacked = np.concatenate([to8(y).reshape(-1), half(u).reshape(-1), half(v).reshape(-1)])
+    return av.VideoFrame.from_ndarray(stacked.reshape(h * 3 // 2, w), format="yuv420p")
 
 
 def audio_only_mp4_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
