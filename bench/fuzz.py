@@ -477,10 +477,15 @@ def _av_audio(wave: np.ndarray, rate: int) -> bytes:
 
 @functools.cache
 def video_samples() -> tuple[bytes, ...]:
-    """Four 32x32 frames as MPEG-4 Part 2 in MP4 and VP8 in WebM."""
+    """Four 32x32 frames as MPEG-4 Part 2 in MP4 and VP8 in WebM; testing.video_bytes' H.264 MP4 (rotated),
+    VP9 WebM (variable frame rate), MPEG-4 AVI, and a GIF (refused by name)."""
     import av
 
-    samples = []
+    from mmtriton.testing import video_bytes
+
+    samples = [video_bytes(32, 24, 1.0, 4, "mp4", seed=1, rotate=90),
+               video_bytes(32, 24, container="webm", seed=2, frame_times=[0.0, 0.1, 0.5, 1.5]),
+               video_bytes(31, 23, 1.0, 4, "avi", seed=3), video_bytes(16, 16, 1.0, 2, "gif")]
     for fmt, codec in (("mp4", "mpeg4"), ("webm", "libvpx")):
         out = io.BytesIO()
         with av.open(out, "w", format=fmt) as container:
@@ -661,12 +666,21 @@ def video_decoder() -> Callable[..., Any] | None:
                 None)
 
 
+def _video_known() -> dict[str, Any]:
+    known: dict[str, Any] = {"where": WHERE, "settings": DEFAULT_SETTINGS, "max_frames": 8, "num_frames": 8,
+                             "max_pixels": DEFAULT_SETTINGS.max_image_pixels}
+    module = importlib.import_module(VIDEO_MODULE)
+    if hasattr(module, "VideoLimits"):  # decode_video(data, where, limits, num_frames=|fps=)
+        known["limits"] = module.VideoLimits.from_settings(DEFAULT_SETTINGS)
+    return known
+
+
 def video_unavailable() -> str | None:
     decoder = video_decoder()
     if decoder is None:
         return f"no {VIDEO_MODULE}.decode_video in this checkout"
     try:
-        _decoder_call(decoder, where=WHERE, settings=DEFAULT_SETTINGS, **_audio_known(16000, 600.0))
+        _decoder_call(decoder, **_video_known())
     except TypeError as exc:
         return str(exc)
     return None
@@ -675,8 +689,7 @@ def video_unavailable() -> str | None:
 def call_video(data: bytes) -> Any:
     decoder = video_decoder()
     assert decoder is not None
-    return _decoder_call(decoder, where=WHERE, settings=DEFAULT_SETTINGS, max_frames=8, num_frames=8,
-                         max_pixels=DEFAULT_SETTINGS.max_image_pixels)(data)
+    return _decoder_call(decoder, **_video_known())(data)
 
 
 def call_parse_request(inputs: dict[str, np.ndarray | None]) -> Any:
@@ -821,7 +834,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            lambda: st.tuples(media_bytes(audio_samples, audio_headers), st.sampled_from([16000, 16000, 8000, 48000]),
                              st.sampled_from([DEFAULT_SETTINGS.max_audio_seconds, 0.1, 30.0])),
            call_audio, warmup=lambda: call_audio((_valid_wav(), 16000, 600.0))),
-    Target("video", f"{VIDEO_MODULE}.decode_video (when it exists): random bytes, mutated MP4/WebM",
+    Target("video", f"{VIDEO_MODULE}.decode_video: random bytes, mutated MP4 (MPEG-4, H.264)/WebM (VP8, VP9)/AVI/GIF",
            lambda: media_bytes(video_samples, None), call_video, unavailable=video_unavailable,
            warmup=lambda: call_video(video_samples()[0])),
 ]}
