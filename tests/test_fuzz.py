@@ -1,5 +1,5 @@
-"""The fuzz targets of bench/fuzz.py, 150 derandomized inputs each (video: 400) (the same inputs on every run), plus one
-reproducer per known bug.
+"""The fuzz targets of bench/fuzz.py, 150 derandomized inputs each, 400 for video (the same inputs on every run),
+plus one reproducer per known bug.
 
 Property: every parser and decoder returns or raises InvalidInput (the OpenAI door: OpenAIError 400/413), within
 fuzz.SLOW_S per input, and never crashes. Each target runs in a child process (fuzz.run_in_child), so a decoder
