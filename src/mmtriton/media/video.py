@@ -355,8 +355,8 @@ def _index_packets(container, stream, where: str, deadline: float, timeout_s: fl
     pts, keys = array("q"), array("q")
     no_timestamp = 0
     for n, packet in enumerate(container.demux(stream)):
-        if packet.size == 0:  # the demuxer's final flush packet, or an AVI "dropped frame"
-            continue
+        if packet.size == 0 or packet.is_discard:  # the final flush packet, an AVI "dropped frame", or a frame
+            continue  # an MP4 edit list cuts (its decoder drops it too)
         ts = packet.pts if packet.pts is not None else packet.dts
         if ts is None:
             no_timestamp += 1
