@@ -223,3 +223,20 @@ def test_video_failures_name_the_item_on_every_path_and_leak_nothing(triton_serv
     ok, _ = tokens(triton_server, "multimodal", RequestInputs(text_input="x", video_url=[good],
                                                               sampling_parameters={"max_tokens": 3}, stream=True))
     assert len(ok) == 3
+
+
+def test_openai_video_url_with_media_io_kwargs_equals_triton_direct(triton_server, openai_server, videos):
+    """A video_url part and a top-level media_io_kwargs (vLLM's field) through our OpenAI server: the tokens of
+    Triton direct with the same sampling_parameters, on every path."""
+    import openai
+
+    client = openai.OpenAI(base_url=openai_server.base_url, api_key="unused", max_retries=0, timeout=60)
+    chat = messages([("video", data_uri(videos["clip.mp4"]))], "Describe.")
+    io_kwargs = {"video": {"num_frames": 2}}
+    for model in PATHS:
+        want, responses = tokens(triton_server, model, RequestInputs(
+            messages=chat, sampling_parameters={**GREEDY, "media_io_kwargs": io_kwargs}, stream=True))
+        reply = client.chat.completions.create(model=model, messages=chat, max_tokens=24, temperature=0,
+                                               extra_body={"return_token_ids": True, "media_io_kwargs": io_kwargs})
+        assert reply.choices[0].token_ids == want, model
+        assert reply.usage.prompt_tokens == responses[-1]["num_input_tokens"], model
