@@ -79,14 +79,14 @@ def media_http(media_dir):
 
 
 # At most one pipeline server runs at a time (each holds three vLLM engines, ~10 GB): starting one stops the
-# other. Test modules that use the audio server therefore run after every module that uses the session's Qwen2-VL
-# server (pytest_collection_modifyitems below).
+# other. Test modules with their own server (audio, Omni) therefore run after every module that uses the
+# session's Qwen2-VL server (pytest_collection_modifyitems below).
 _RUNNING_SERVERS: dict[str, object] = {}
-AUDIO_SERVER_MODULES = ("test_audio_server.py",)
+OWN_SERVER_MODULES = ("test_audio_server.py", "test_omni_server.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name in AUDIO_SERVER_MODULES)  # stable: the rest keeps its order
+    items.sort(key=lambda item: item.path.name in OWN_SERVER_MODULES)  # stable: the rest keeps its order
 
 
 def pipeline_server(name: str, model_dir: Path, media_dir: Path, log_name: str, **env: str):

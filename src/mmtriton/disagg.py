@@ -45,6 +45,7 @@ MiB = 1024 * 1024
 
 def text_hidden_size(model_path: str) -> int:
     config = checkpoint_config(model_path)
+    config = config.get("thinker_config") or config  # Qwen2.5-Omni: the thinker holds the language model
     return int((config.get("text_config") or config)["hidden_size"])
 
 
@@ -152,7 +153,7 @@ def kv_engine(settings: Settings, role: str) -> VllmEngine:
     }
     args = engine_args_for(settings, embeddings_only_limits(family_for(settings.model_path())),
                            **kv_transfer_args(role))
-    return VllmEngine(args, env=env)
+    return VllmEngine(args, env=env, on_death=settings.engine_on_death)
 
 
 def embeddings_only_limits(family: Family) -> dict[str, int]:

@@ -93,6 +93,9 @@ class Family:
     embeds_by_model_type: dict[str, tuple[dict[str, EmbedsFormat], str]] = field(default_factory=dict)
     # Why the kinds left out of ``embeds`` are (said in the disaggregated path's refusal).
     embeds_note: str = ""
+    # The processor spaces a video's temporal positions by ``mm_processor_kwargs["fps"]`` (one rate per prompt),
+    # not by the frames' metadata: the aggregated path passes the rate the frames were sampled at.
+    video_fps_kwarg: bool = False
 
     def check_layout(self, layout: MediaLayout) -> None:
         """Refuse embeddings whose kind, shape and grid disagree, before they can reach (and kill) the engine."""
@@ -137,6 +140,10 @@ FAMILIES: tuple[Family, ...] = (
                                                 "be wrong")}),
     Family("qwen2-audio", ("qwen2_audio",), ("audio",), embeds={"audio": QWEN2_AUDIO}),
     Family("llava", ("llava",), ("image",)),
+    # Qwen2.5-Omni's thinker: image + audio + video in one model, raw media only (encoded inside vLLM).
+    Family("qwen2.5-omni", ("qwen2_5_omni",), ("image", "audio", "video"), video_fps_kwarg=True,
+           embeds_note="vLLM 0.32 cannot take Qwen2.5-Omni embeddings (image embeddings crash the engine, audio "
+                       "embeddings are refused)"),
 )
 TEXT_ONLY = Family("text", (), ())
 

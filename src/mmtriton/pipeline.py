@@ -14,6 +14,7 @@ from typing import Any
 from mmtriton.chat import ChatFormatter
 from mmtriton.families import Family, family_for
 from mmtriton.media.loader import MediaLoader
+from mmtriton.media.video import SampledVideo
 from mmtriton.protocol import GenerateRequest, InvalidInput, MediaItem, VideoOptions
 from mmtriton.settings import Settings
 
@@ -46,9 +47,7 @@ class AggregatedPipeline:
             spec.check_length(wave, item.where)  # vLLM's own refusal would not name the item
             return (wave, spec.sample_rate)
         if item.kind == "video":
-            sampled = await self.media.load_video(item, video)
-            # vLLM's (frames, metadata) form; the frames are already sampled (metadata says do_sample_frames=False).
-            return (sampled.frames, sampled.vllm_metadata())
+            return await self.media.load_video(item, video)
         raise InvalidInput(f"{item.where}: {item.kind} input is not supported by the aggregated model yet")
 
     async def prepare(self, request: GenerateRequest) -> dict[str, Any]:
@@ -60,7 +59,25 @@ class AggregatedPipeline:
         loaded = await asyncio.gather(*(self.load_media(item, video) for item in request.media))
         mm: dict[str, list[Any]] = {}
         for item, value in zip(request.media, loaded, strict=True):
+            if isinstance(value, SampledVideo):
+                # vLLM's (frames, metadata) form; the frames are sampled already (metadata: do_sample_frames=False).
+                value = (value.frames, value.vllm_metadata())
             mm.setdefault(item.kind, []).append(value)
         if mm:
             prompt["multi_modal_data"] = mm
+        videos = [(item, value) for item, value in zip(request.media, loaded, strict=True) if item.kind == "video"]
+        if self.family.video_fps_kwarg and videos:
+            prompt["mm_processor_kwargs"] = {"fps": one_video_rate(videos)}
         return prompt
+
+
+def one_video_rate(videos: list[tuple[MediaItem, SampledVideo]]) -> float:
+    """The sampled frame rate of a request's videos, for a processor that takes one rate per prompt."""
+    (first, video), *rest = videos
+    for item, other in rest:
+        if abs(other.sampled_fps - video.sampled_fps) > 1e-3 * video.sampled_fps:
+            raise InvalidInput(
+                f"{item.where}: sampled at {other.sampled_fps:.3g} frames/s but {first.where} at "
+                f"{video.sampled_fps:.3g}: this model takes one frame rate per request; sample by fps "
+                "(sampling_parameters.media_io_kwargs.video.fps) so the videos agree")
+    return video.sampled_fps

@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-repository", type=Path, default=repo_root() / "model_repository")
     parser.add_argument("--model", default=os.environ.get("MMT_MODEL", ""),
                         help="checkpoint directory (default: the embedded tiny Qwen2-VL, built if missing)")
+    parser.add_argument("--tiny", default="qwen2-vl", metavar="FAMILY",
+                        help="without --model: which embedded tiny model to serve (built if missing): qwen2-vl "
+                             "(image, video), qwen2-audio (audio), qwen2.5-omni (image + audio + video, "
+                             "multimodal_agg)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
@@ -344,11 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         env["MMT_MODEL"] = str(Path(args.model).resolve())
     else:
-        from mmtriton.tiny_models import ensure_tiny_models
+        from mmtriton.tiny_models import BUILDERS, ensure_tiny_models
 
-        print("No --model given: using the embedded tiny Qwen2-VL.", flush=True)
+        if args.tiny not in BUILDERS:
+            parser.error(f"--tiny {args.tiny!r}: one of {', '.join(BUILDERS)}")
+        print(f"No --model given: using the embedded tiny {args.tiny}.", flush=True)
         paths = ensure_tiny_models(progress=True)
-        env["MMT_MODEL"] = str(paths["qwen2-vl"])
+        env["MMT_MODEL"] = str(paths[args.tiny])
 
     config = ServerConfig(
         model_repository=args.model_repository, host=args.host, http_port=args.http_port,

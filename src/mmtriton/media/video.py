@@ -63,6 +63,14 @@ class SampledVideo:
     frames_decoded: int = 0
     timestamps_s: tuple[float, ...] = field(default=())  # presentation time of each sampled frame
 
+    @property
+    def sampled_fps(self) -> float:
+        """The rate the frames were sampled at (frames per second of video): what a processor that spaces
+        temporal positions by fps (Qwen2.5-Omni) must be told; the stream's own rate for a whole-stream sample."""
+        if len(self.indices) >= self.total_frames or self.duration_s <= 0:
+            return self.fps
+        return len(self.indices) / self.duration_s
+
     def vllm_metadata(self) -> dict[str, Any]:
         """Metadata for ``multi_modal_data={"video": [(frames, video.vllm_metadata())]}``.
 
