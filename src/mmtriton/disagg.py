@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -30,6 +31,7 @@ from mmtriton.protocol import GenerateRequest, InvalidInput, MediaIOKwargs, Medi
 from mmtriton.settings import Settings
 from mmtriton.transfer import EmbeddingDescriptor, EmbeddingReceiver
 from mmtriton.wire import (
+    DecodeCancel,
     DecodeRequest,
     MediaLayout,
     PrefillRequest,
@@ -105,6 +107,9 @@ class PrefillService:
 
 
 # ---- decode ----------------------------------------------------------------------------------------------
+CANCEL_MEMORY_S = 60.0  # how long llm_decode remembers a DecodeCancel for a request it has not (yet) seen
+
+
 class DecodeService:
     """KV consumer: continues from a signed prefill hand-over and streams tokens."""
 
@@ -113,10 +118,28 @@ class DecodeService:
         self.family = family_for(settings.model_path())
         self.key = pipeline_secret()
         self.engine = kv_engine(settings, "kv_consumer")
+        # request_id → when its DecodeCancel came (a cancel may come before its decode starts, or after it ended:
+        # kept a while, then forgotten).
+        self._cancels: dict[str, float] = {}
+
+    def cancel(self, cancel: DecodeCancel) -> None:
+        now = time.monotonic()
+        self._cancels = {rid: t for rid, t in self._cancels.items() if now - t < CANCEL_MEMORY_S}
+        self._cancels[cancel.request_id] = now
 
     async def run(self, request: DecodeRequest, emit: Callable[[GenerationChunk], None],
                   cancelled: Callable[[], bool]) -> GenerationChunk | None:
         verify(request.prefill, self.key)
+        if request.request_id:
+            asked, rid = cancelled, request.request_id
+            cancelled = lambda: rid in self._cancels or asked()  # noqa: E731 - the engine polls it
+        try:
+            return await self._run(request, emit, cancelled)
+        finally:
+            self._cancels.pop(request.request_id, None)
+
+    async def _run(self, request: DecodeRequest, emit: Callable[[GenerationChunk], None],
+                   cancelled: Callable[[], bool]) -> GenerationChunk | None:
         prompt: dict[str, Any] = {"prompt": request.prompt}
         if request.prefill.media:
             # The KV comes from prefill; decode needs the media's shape and grid for positions (M-RoPE), not

@@ -8,6 +8,7 @@ mmtriton.protocol.error_class recovers it from the text).
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -18,7 +19,7 @@ from mmtriton.encoder_service import SERVED_KINDS
 from mmtriton.engine import EngineDead
 from mmtriton.lifetime import ReleaseLater
 from mmtriton.protocol import INPUTS, OUTPUTS, InvalidInput, MediaIOKwargs, MediaItem, error_class, parse_request
-from mmtriton.wire import DecodeRequest, PrefillRequest, PrefillResult, parse_stage
+from mmtriton.wire import DecodeCancel, DecodeRequest, PrefillRequest, PrefillResult, parse_stage
 
 INPUT_NAMES = [i["name"] for i in INPUTS]
 
@@ -46,8 +47,9 @@ def raise_for(response, stage: str) -> None:
     raise RuntimeError(f"{stage}: {message or 'failed without a message'}")
 
 
-def forward(responses, channel: triton_io.ResponseChannel) -> None:
-    """llm_decode's responses to the client as they come; the last one carries the FINAL flag."""
+def forward(responses, channel: triton_io.ResponseChannel) -> bool:
+    """llm_decode's responses to the client as they come; the last one carries the FINAL flag. False when the
+    client cancelled (llm_decode is still generating then: the caller tells it to stop)."""
     held = None  # one response held back, so the last one can carry the FINAL flag
     for response in responses:
         raise_for(response, "llm_decode")
@@ -55,7 +57,7 @@ def forward(responses, channel: triton_io.ResponseChannel) -> None:
             if hasattr(responses, "cancel"):
                 responses.cancel()
             channel.finish_cancelled()
-            return
+            return False
         if not response.output_tensors():
             continue  # the empty final-flag response
         if held is not None:
@@ -64,6 +66,7 @@ def forward(responses, channel: triton_io.ResponseChannel) -> None:
     if held is None:
         raise RuntimeError("llm_decode sent no output")
     channel.send_final(held)
+    return True
 
 
 class BlsModel:
@@ -128,6 +131,7 @@ class BlsModel:
 
     def decode(self, decode_request: DecodeRequest, channel: triton_io.ResponseChannel) -> None:
         """Forward llm_decode's responses as they come (blocking iterator: runs in a worker thread)."""
+        decode_request = decode_request.model_copy(update={"request_id": uuid.uuid4().hex})
         request = pb_utils.InferenceRequest(
             model_name="llm_decode", inputs=[string_tensor("decode_request", [decode_request.model_dump_json()])],
             requested_output_names=[o["name"] for o in OUTPUTS], timeout=self.timeout_us,
@@ -137,7 +141,24 @@ class BlsModel:
         )
         responses = request.exec(decoupled=True)
         try:
-            forward(responses, channel)
+            answered = forward(responses, channel)
+        finally:
+            self.released_late.hold(responses)
+        if not answered:
+            self.cancel_decode(decode_request.request_id)
+
+    def cancel_decode(self, request_id: str) -> None:
+        """Tell llm_decode to stop ``request_id`` (Triton 2.51's BLS has no cancel for a request it made: without
+        this the engine generated every cancelled answer to its end)."""
+        request = pb_utils.InferenceRequest(
+            model_name="llm_decode", inputs=[string_tensor("decode_cancel", [DecodeCancel(
+                request_id=request_id).model_dump_json()])],
+            requested_output_names=[o["name"] for o in OUTPUTS], timeout=self.timeout_us,
+        )
+        responses = request.exec(decoupled=True)
+        try:
+            for response in responses:
+                raise_for(response, "llm_decode (cancel)")
         finally:
             self.released_late.hold(responses)
 

@@ -79,6 +79,16 @@ class DecodeRequest(BaseModel):
     prefill: PrefillResult
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
     stream: bool = False
+    # Set by the BLS model, so it can cancel this decode (DecodeCancel) when its client goes: Triton 2.51's BLS
+    # has no way to cancel a request it made. Empty from the ensemble (Triton cancels its steps itself).
+    request_id: str = ""
+
+
+class DecodeCancel(BaseModel):
+    """BLS → llm_decode: stop the decode with this ``request_id`` (its client cancelled)."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1)
 
 
 def parse_stage(model: type[BaseModel], raw: str | bytes, what: str):

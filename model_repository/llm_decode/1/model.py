@@ -1,11 +1,12 @@
-"""llm_decode: decode request JSON → streamed tokens (public outputs). Adapter over mmtriton.disagg.DecodeService."""
+"""llm_decode: decode request JSON → streamed tokens (public outputs); or a decode cancel from multimodal_bls.
+Adapter over mmtriton.disagg.DecodeService."""
 
 import triton_python_backend_utils as pb_utils
 
 from mmtriton import triton_io
 from mmtriton.disagg import DecodeService
 from mmtriton.protocol import input_string
-from mmtriton.wire import DecodeRequest, parse_stage
+from mmtriton.wire import DecodeCancel, DecodeRequest, parse_stage
 
 
 class TritonPythonModel:
@@ -18,11 +19,15 @@ class TritonPythonModel:
         pb_utils.Logger.log_info("llm_decode: ready")
 
     def execute(self, requests):
-        triton_io.dispatch(requests, self.responses, ["decode_request"], self.service.engine.submit, self._serve,
-                           "llm_decode")
+        triton_io.dispatch(requests, self.responses, ["decode_request", "decode_cancel"], self.service.engine.submit,
+                           self._serve, "llm_decode")
         return None
 
     async def _serve(self, inputs, channel):
+        if (cancel := input_string(inputs["decode_cancel"], "decode_cancel")) is not None:
+            self.service.cancel(parse_stage(DecodeCancel, cancel, "decode_cancel"))
+            channel.finish_cancelled()  # the cancel call's own (empty, final) answer
+            return
         raw = input_string(inputs["decode_request"], "decode_request")
         request = parse_stage(DecodeRequest, raw or "", "decode_request")
         final = await self.service.run(request, channel.emit, channel.is_cancelled)
