@@ -1,9 +1,13 @@
-"""perf_analyzer against one of our decoupled models, in one command: text + image requests, gRPC streaming.
+"""perf_analyzer against our decoupled models, in one command: text + image, video or audio requests, gRPC streaming.
 
     .venv/bin/python bench/perf_analyzer_run.py                        # starts a server (tiny model) itself
     .venv/bin/python bench/perf_analyzer_run.py --url 127.0.0.1:8001 --model multimodal --concurrency-range 1:8:2
     .venv/bin/python bench/perf_analyzer_run.py --image-size 448x336 --images-per-request 2 -- --max-trials 20
+    .venv/bin/python bench/perf_analyzer_run.py --modality video --num-frames 8 --model multimodal_agg multimodal
+    .venv/bin/python bench/perf_analyzer_run.py --modality audio --model multimodal_agg multimodal  # tiny Qwen2-Audio
 
+Several --model: one server (started once, with what they all need), one perf_analyzer run each. A started server
+serves the tiny Qwen2-VL (image, video) or the tiny Qwen2-Audio (audio) unless --checkpoint says otherwise.
 Writes bench/results/perf_analyzer-<model>-<time>/{inputs.json, perf.csv, profile.json, perf_analyzer.txt},
 prints perf_analyzer's own report and then, from its profile export, time to first response and between responses.
 Why the second table: perf_analyzer 2.51 says "using the first response for measuring latency" for decoupled models,
@@ -31,7 +35,9 @@ from perf_analyzer_inputs import add_arguments, entries_from_args, write_input_d
 from mmtriton.testing import bench_server_config  # noqa: E402
 
 PERF_ANALYZER = ROOT / ".venv" / "perf_analyzer" / "perf_analyzer"
-STAGES = ["preprocess", "encoder_image", "llm_prefill", "llm_decode"]  # what multimodal / multimodal_bls call
+# What multimodal / multimodal_bls call (the ensemble names both encoders, whichever the request needs).
+STAGES = ["preprocess", "encoder_image", "encoder_audio", "llm_prefill", "llm_decode"]
+TINY_FOR = {"image": "qwen2-vl", "video": "qwen2-vl", "audio": "qwen2-audio"}  # a started server's checkpoint
 
 
 def perf_analyzer_command(model: str, url: str, input_data: Path, csv: Path, profile: Path | None,
@@ -86,13 +92,14 @@ def print_profile_summary(rows: list[dict[str, Any]]) -> None:
               f"{r['first_p90']:>9.1f} {r['last_p50']:>9.1f} {r['last_p90']:>9.1f} {r['gap_mean']:>17.2f}")
 
 
-def start_server(model: str, checkpoint: str | None):
-    """Our launcher on free ports (others may serve on this machine), loading only what ``model`` needs."""
+def start_server(models: list[str], checkpoint: str | None, modality: str = "image"):
+    """Our launcher on free ports (others may serve on this machine), loading only what ``models`` need."""
     from mmtriton.server import TritonServer
     from mmtriton.tiny_models import ensure_tiny_models
 
-    path = str(Path(checkpoint).resolve()) if checkpoint else str(ensure_tiny_models()["qwen2-vl"])
-    models = [model] + (STAGES if model in ("multimodal", "multimodal_bls") else [])
+    path = str(Path(checkpoint).resolve()) if checkpoint else str(ensure_tiny_models()[TINY_FOR[modality]])
+    if {"multimodal", "multimodal_bls"} & set(models):
+        models = [*models, *(s for s in STAGES if s not in models)]
     config = bench_server_config(path, "perf-analyzer-tritonserver.log", models)
     server = TritonServer(config)
     server.start()
@@ -108,9 +115,10 @@ def start_server(model: str, checkpoint: str | None):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="arguments after -- go to perf_analyzer as they are")
-    ap.add_argument("--model", default="multimodal_agg")
+    ap.add_argument("--model", nargs="+", default=["multimodal_agg"], help="one perf_analyzer run per model")
     ap.add_argument("--url", help="gRPC host:port of a running server (default: start one)")
-    ap.add_argument("--checkpoint", help="checkpoint directory for a started server (default: the tiny Qwen2-VL)")
+    ap.add_argument("--checkpoint", help="checkpoint directory for a started server (default: the tiny Qwen2-VL; "
+                                         "for --modality audio the tiny Qwen2-Audio)")
     ap.add_argument("--concurrency-range", default="1:4:1", help="start:end:step")
     ap.add_argument("--measurement-interval", type=int, default=3000, help="ms")
     ap.add_argument("--stability-percentage", type=int, default=30)
@@ -120,27 +128,39 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:len(argv) - len(extra) - 1] if "--" in argv else argv)
 
-    out = args.out or ROOT / "bench" / "results" / f"perf_analyzer-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    inputs = write_input_data(out / "inputs.json", entries_from_args(args))
-    csv, profile = out / "perf.csv", out / "profile.json"
-
-    server = None if args.url else start_server(args.model, args.checkpoint)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    entries = entries_from_args(args)
+    server = None if args.url else start_server(args.model, args.checkpoint, args.modality)
+    codes = []
     try:
         url = args.url or server.config.grpc_url
-        cmd = perf_analyzer_command(args.model, url, inputs, csv, profile, args.concurrency_range,
-                                    args.measurement_interval, args.stability_percentage, extra)
-        print("$", " ".join(cmd), flush=True)
-        with open(out / "perf_analyzer.txt", "w") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for line in proc.stdout:  # shown as it comes (a run takes minutes) and kept
-                print(line, end="", flush=True)
-                log.write(line)
-            rc = proc.wait()
+        for model in args.model:
+            out = (args.out / model if len(args.model) > 1 else args.out) if args.out else \
+                ROOT / "bench" / "results" / f"perf_analyzer-{model}-{args.modality}-{stamp}"
+            codes.append(run_one(model, url, out, entries, args, extra))
     finally:
         if server is not None:
             server.stop()
+    return max(codes)
+
+
+def run_one(model: str, url: str, out: Path, entries: list[dict[str, Any]], args: argparse.Namespace,
+            extra: list[str]) -> int:
+    """One perf_analyzer run against ``model``; its report as it comes, then the profile's first-token table."""
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = write_input_data(out / "inputs.json", entries)
+    csv, profile = out / "perf.csv", out / "profile.json"
+    cmd = perf_analyzer_command(model, url, inputs, csv, profile, args.concurrency_range,
+                                args.measurement_interval, args.stability_percentage, extra)
+    print("$", " ".join(cmd), flush=True)
+    with open(out / "perf_analyzer.txt", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:  # shown as it comes (a run takes minutes) and kept
+            print(line, end="", flush=True)
+            log.write(line)
+        rc = proc.wait()
     if profile.exists():
+        print(f"\n{model}, {args.modality} requests:", end="")
         print_profile_summary(profile_summary(profile))
     print(f"\nperf_analyzer exit code {rc}; CSV: {csv}" + ("" if csv.exists() else " (not written)"))
     print(f"outputs: {out}")
