@@ -272,6 +272,33 @@ def test_a_dead_stub_of_a_ready_model_reloads_it_then_its_ensembles(fake_triton)
     assert any("reloading encoder_image (then multimodal)" in line for line in logs), logs
 
 
+def test_a_model_that_calls_the_dead_one_by_bls_is_unloaded_first_and_loaded_after(fake_triton):
+    """Triton does not know BLS callers: left loaded, multimodal_bls would stay READY while llm_decode is down."""
+    triton = fake_triton({"llm_decode": "READY", "multimodal_bls": "READY", "multimodal": "READY"},
+                         {"llm_decode": {"multimodal"}})
+    sup, logs, _ = _supervisor(Scripted([_stub(20, "llm_decode")], []), triton,
+                               dependents={"llm_decode": {"multimodal"}},
+                               bls_callers={"llm_decode": {"multimodal_bls"}})
+    sup.poll_once()
+    sup.poll_once()
+    assert triton.calls == [("unload", "multimodal_bls"), ("unload", "llm_decode"), ("load", "llm_decode"),
+                            ("load", "multimodal_bls")]
+    assert triton.states == {"llm_decode": "READY", "multimodal_bls": "READY", "multimodal": "READY"}
+    assert any("reloading llm_decode (then multimodal, multimodal_bls)" in line for line in logs), logs
+
+
+def test_bls_callers_come_from_the_bls_calls_parameter(tmp_path):
+    from mmtriton.supervisor import bls_callers
+
+    assert bls_callers(REPO) == {k: {"multimodal_bls"} for k in
+                                 ("encoder_image", "encoder_audio", "llm_prefill", "llm_decode")}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.pbtxt").write_text(
+        '# parameters { key: "bls_calls" value { string_value: "ghost" } }\n'
+        'parameters { key: "bls_calls" value { string_value: "x, y" } }\n')
+    assert bls_callers(tmp_path) == {"x": {"b"}, "y": {"b"}}
+
+
 def test_ensembles_triton_brought_back_are_not_loaded_again(fake_triton):
     triton = fake_triton({"encoder_image": "READY", "multimodal": "READY"}, {"encoder_image": {"multimodal"}})
     sup, _, _ = _supervisor(Scripted([_stub(10)], []), triton, dependents={"encoder_image": {"multimodal"}})

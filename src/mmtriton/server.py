@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmtriton.settings import repo_root
-from mmtriton.supervisor import StubSupervisor, TritonRepository, ensemble_dependents, list_stubs
+from mmtriton.supervisor import StubSupervisor, TritonRepository, bls_callers, ensemble_dependents, list_stubs
 
 
 class ServerError(RuntimeError):
@@ -256,6 +256,7 @@ class TritonServer:
                 list_stubs=lambda: list_stubs(server_pid),
                 repository=TritonRepository(self.config.http_url),
                 dependents=ensemble_dependents(self.config.model_repository),
+                bls_callers=bls_callers(self.config.model_repository),
                 log=log or (lambda message: print(message, file=sys.stderr, flush=True)),
             )
             self.supervisor.start()

@@ -137,6 +137,21 @@ def ensemble_dependents(repository: Path) -> dict[str, set[str]]:
     return dependents
 
 
+_BLS_CALLS = re.compile(r'key\s*:\s*"bls_calls"\s*value\s*\{\s*string_value\s*:\s*"([^"]*)"')
+
+
+def bls_callers(repository: Path) -> dict[str, set[str]]:
+    """For each model, the models of ``repository`` that call it by BLS (their config.pbtxt parameter
+    ``bls_calls``: Triton itself does not know who calls whom by BLS)."""
+    callers: dict[str, set[str]] = {}
+    for config in sorted(repository.glob("*/config.pbtxt")):
+        text = "\n".join(line.split("#", 1)[0] for line in config.read_text().splitlines())
+        for match in _BLS_CALLS.finditer(text):
+            for callee in filter(None, (m.strip() for m in match.group(1).split(","))):
+                callers.setdefault(callee, set()).add(config.parent.name)
+    return callers
+
+
 class RepositoryError(RuntimeError):
     pass
 
@@ -192,6 +207,9 @@ class StubSupervisor:
     list_stubs: Callable[[], Iterable[StubProcess]]
     repository: TritonRepository
     dependents: dict[str, set[str]] = field(default_factory=dict)
+    # Models that call one by BLS: unloaded while it is reloaded (else they stay READY and fail every request),
+    # loaded again after.
+    bls_callers: dict[str, set[str]] = field(default_factory=dict)
     exit_status: Callable[[int], int | None] = wait_status
     kill: Callable[[int, float], bool] = kill_if_same
     clock: Callable[[], float] = time.monotonic
@@ -284,7 +302,8 @@ class StubSupervisor:
             recovery = self._recovery.setdefault(model, ModelRecovery())
             recovery.healing = True
             recovery.last_cause = cause
-        ensembles = sorted(e for e in self.dependents.get(model, set()) if states.get(e) == "READY")
+        ensembles = sorted(e for e in self.dependents.get(model, set()) | self.bls_callers.get(model, set())
+                           if states.get(e) == "READY")
         self.log(f"[supervisor] {cause}: reloading {model}" + (f" (then {', '.join(ensembles)})" if ensembles else ""))
         delay = self.backoff_s[0]
         self._stop.wait(self.settle_s)
@@ -309,6 +328,11 @@ class StubSupervisor:
                      f"(restart {recovery.restarts})")
 
     def _reload(self, model: str, ensembles: list[str]) -> None:
+        for caller in sorted(self.bls_callers.get(model, set()) & set(ensembles)):
+            try:
+                self.repository.unload(caller)  # not ready while what it calls is down
+            except RepositoryError as exc:
+                self.log(f"[supervisor] unloading {caller} (calls {model}): {exc}")
         try:
             # The old instance's teardown SIGKILLs and reaps the dead stub (StubLauncher::TerminateStub).
             self.repository.unload(model)
