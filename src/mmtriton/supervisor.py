@@ -11,8 +11,9 @@ is still READY, unloads and loads that model through the repository API (explici
 reloads the ensembles that compose it by itself (measured: an unloaded composing model makes its ensemble
 UNAVAILABLE, and loading it again brings the ensemble back); the supervisor loads any dependent ensemble that is
 still not ready afterwards. A model that calls the dead one by BLS (``bls_calls`` in its config.pbtxt: Triton does
-not know) is unloaded first and loaded after, so it too is not ready meanwhile. During the reload Triton's own readiness is truthful: ``/v2/health/ready``, the model's
-and the ensemble's ``ready`` answer 400 until the load is done.
+not know) is unloaded first and loaded after, so it too is not ready meanwhile. During the reload Triton's own
+readiness is truthful: ``/v2/health/ready``, the model's and the ensemble's ``ready`` answer 400 until the load is
+done.
 """
 
 from __future__ import annotations
