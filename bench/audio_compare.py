@@ -115,10 +115,12 @@ def measure(send: Send, concurrency: int, requests: int, desc: str) -> dict[str,
             "rps": figures["rps"], "ok": len(measured.samples), "errors": figures["errors"]}
 
 
-def chat_body(model: str, uri: str, stream: bool) -> bytes:
-    body = {"model": model, **SAMPLING, "stream": stream,
-            "messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": uri}},
-                                                      {"type": "text", "text": PROMPT}]}]}
+def chat_body(model: str, uri: str, stream: bool, kind: str = "audio", prompt: str = PROMPT,
+              sampling: dict | None = None) -> bytes:
+    """The OpenAI chat request with one ``kind`` ("audio", "video", …) part at ``uri`` and the prompt."""
+    part = {"type": f"{kind}_url", f"{kind}_url": {"url": uri}}
+    body = {"model": model, **(SAMPLING if sampling is None else sampling), "stream": stream,
+            "messages": [{"role": "user", "content": [part, {"type": "text", "text": prompt}]}]}
     if stream:
         body["stream_options"] = {"include_usage": True}  # the last chunk counts the tokens
     return json.dumps(body).encode()
@@ -129,11 +131,11 @@ def post(url: str, body: bytes):
                                   timeout=300)
 
 
-def vllm_sender(base_url: str, model: str, uri: str) -> Send:
-    """One streamed chat request. TTFT at the first chunk: vLLM sends it (the role, empty content) with the
-    first engine output, i.e. the first token; the first chunk with text can come tokens later (a token that
-    ends inside a UTF-8 character streams as "", common with the random-weight model's byte tokens)."""
-    body = chat_body(model, uri, stream=True)
+def vllm_sender(base_url: str, body: bytes) -> Send:
+    """One streamed chat request (``body``: chat_body(..., stream=True)). TTFT at the first chunk: vLLM sends it
+    (the role, empty content) with the first engine output, i.e. the first token; the first chunk with text can
+    come tokens later (a token that ends inside a UTF-8 character streams as "", common with the random-weight
+    model's byte tokens)."""
 
     def send() -> Sample:
         start = time.perf_counter()
@@ -197,26 +199,29 @@ class TritonSenders:
             c.close()
 
 
-def bench_vllm_server(model: str, uri: str, levels: list[int], n: int) -> tuple[dict[int, dict], str]:
-    """vLLM's server at each concurrency, and its greedy text (to compare with ours)."""
+def bench_vllm_server(model: str, uri: str, levels: list[int], n: int, kind: str = "audio",
+                      limits: dict[str, int] | None = None, **body) -> tuple[dict[int, dict], dict]:
+    """vLLM's server at each concurrency, and its greedy answer (``text``, ``prompt_tokens``: to compare with
+    ours). ``body``: chat_body's prompt / sampling."""
     # Served under its path (no --served-model-name): the model id the requests name.
-    extra = [*TINY_MODEL_ARGS, "--max-num-seqs", "16", "--limit-mm-per-prompt", json.dumps({"audio": 8})]
+    extra = [*TINY_MODEL_ARGS, "--max-num-seqs", "16", "--limit-mm-per-prompt", json.dumps(limits or {kind: 8})]
     print("starting vLLM's OpenAI server ...", flush=True)
     with VllmOpenAIServerProcess(model, free_port(), extra_args=extra,
-                                 log_file=ROOT / "logs" / "bench-vllm-server-audio.log") as server:
-        with post(f"{server.base_url}/chat/completions", chat_body(model, uri, stream=False)) as r:
-            text = json.loads(r.read())["choices"][0]["message"]["content"]
-        send = vllm_sender(server.base_url, model, uri)
-        return {c: measure(send, c, n, f"{VLLM_PATH} c={c}") for c in levels}, text
+                                 log_file=ROOT / "logs" / f"bench-vllm-server-{kind}.log") as server:
+        with post(f"{server.base_url}/chat/completions", chat_body(model, uri, False, kind, **body)) as r:
+            reply = json.loads(r.read())
+        answer = {"text": reply["choices"][0]["message"]["content"], "prompt_tokens": reply["usage"]["prompt_tokens"]}
+        send = vllm_sender(server.base_url, chat_body(model, uri, True, kind, **body))
+        return {c: measure(send, c, n, f"{VLLM_PATH} c={c}") for c in levels}, answer
 
 
 @contextmanager
-def triton_server(args, model: str) -> Iterator[tuple[str, str]]:
-    """(gRPC url, metrics url): the one given, or a tritonserver of our own on the tiny Qwen2-Audio."""
+def triton_server(args, model: str, kind: str = "audio") -> Iterator[tuple[str, str]]:
+    """(gRPC url, metrics url): the one given, or a tritonserver of our own on ``model``."""
     if args.url:
         yield args.url, args.metrics_url
         return
-    config = bench_server_config(model, "bench-tritonserver-audio.log")
+    config = bench_server_config(model, f"bench-tritonserver-{kind}.log")
     print("starting tritonserver ...", flush=True)
     with TritonServer(config) as server:
         server.wait_ready(900, progress=True)
@@ -368,7 +373,8 @@ def main() -> int:
         out.write_text(json.dumps(results, indent=1, default=str))
 
     if "paths" in args.parts:
-        results[VLLM_PATH], vllm_text = bench_vllm_server(model, uri, args.concurrency, args.requests)
+        results[VLLM_PATH], vllm_answer = bench_vllm_server(model, uri, args.concurrency, args.requests)
+        vllm_text = vllm_answer["text"]
     if {"paths", "encoder"} & set(args.parts):
         with triton_server(args, model) as (grpc_url, metrics_url):
             if "paths" in args.parts:

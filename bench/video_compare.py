@@ -33,25 +33,21 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from audio_compare import VLLM_PATH, Send, TritonSenders, measure, post  # noqa: E402
+from audio_compare import VLLM_PATH, TritonSenders, bench_vllm_server, measure, triton_server  # noqa: E402
 from perf_analyzer_inputs import data_uri, sampling_parameters  # noqa: E402
 from pipeline_compare import TRITON_PATHS  # noqa: E402
 from stage_breakdown import GAUGE_SETTLE_S, scrape, stage_rows  # noqa: E402
-from vllm_server import TINY_MODEL_ARGS, VllmOpenAIServerProcess  # noqa: E402
 
 from client import GrpcStreamClient, build_inputs  # noqa: E402
 from mmtriton.media.transport import read_data_uri  # noqa: E402
 from mmtriton.media.video import VideoLimits, decode_video  # noqa: E402
-from mmtriton.server import TritonServer  # noqa: E402
 from mmtriton.settings import Settings  # noqa: E402
-from mmtriton.testing import bench_server_config, free_port, video_bytes  # noqa: E402
+from mmtriton.testing import video_bytes  # noqa: E402
 from mmtriton.tiny_models import ensure_tiny_models  # noqa: E402
 
 PROMPT = "Describe the video."
@@ -80,51 +76,6 @@ def our_indices(data: bytes) -> list[int]:
     return list(decode_video(data, "video", LIMITS, fps=LIMITS.default_fps).indices)
 
 
-def chat_body(model: str, uri: str, stream: bool) -> bytes:
-    body = {"model": model, **SAMPLING, "stream": stream,
-            "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": uri}},
-                                                      {"type": "text", "text": PROMPT}]}]}
-    if stream:
-        body["stream_options"] = {"include_usage": True}  # the last chunk counts the tokens
-    return json.dumps(body).encode()
-
-
-def vllm_sender(base_url: str, model: str, uri: str) -> Send:
-    """One streamed chat request; TTFT at the first chunk with choices (vLLM sends it with the first token)."""
-    body = chat_body(model, uri, stream=True)
-
-    def send() -> tuple[float, float]:
-        start = time.perf_counter()
-        first, tokens = None, 0
-        with post(f"{base_url}/chat/completions", body) as r:
-            for line in r:
-                if not line.startswith(b"data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if first is None and chunk.get("choices"):
-                    first = time.perf_counter()
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-        if tokens != MAX_TOKENS:
-            raise RuntimeError(f"vLLM server made {tokens} tokens, not {MAX_TOKENS}")
-        return (first or time.perf_counter()) - start, time.perf_counter() - start
-
-    return send
-
-
-def bench_vllm_server(model: str, uri: str, levels: list[int], n: int) -> tuple[dict[int, dict], dict]:
-    """vLLM's server at each concurrency, and its greedy answer (text, prompt tokens) to compare with ours."""
-    extra = [*TINY_MODEL_ARGS, "--max-num-seqs", "16", "--limit-mm-per-prompt", json.dumps({"image": 8, "video": 8})]
-    print("starting vLLM's OpenAI server ...", flush=True)
-    with VllmOpenAIServerProcess(model, free_port(), extra_args=extra,
-                                 log_file=ROOT / "logs" / "bench-vllm-server-video.log") as server:
-        with post(f"{server.base_url}/chat/completions", chat_body(model, uri, stream=False)) as r:
-            reply = json.loads(r.read())
-        answer = {"text": reply["choices"][0]["message"]["content"], "prompt_tokens": reply["usage"]["prompt_tokens"]}
-        send = vllm_sender(server.base_url, model, uri)
-        return {c: measure(send, c, n, f"{VLLM_PATH} c={c}") for c in levels}, answer
-
-
 class VideoSenders(TritonSenders):
     """audio_compare's per-thread warmed gRPC streams, sending the video instead of a clip."""
 
@@ -137,19 +88,6 @@ class VideoSenders(TritonSenders):
         return {"token_ids": [t for r in responses for t in r["token_ids"]],
                 "text": "".join(r["text_output"] for r in responses),
                 "prompt_tokens": int(responses[-1]["num_input_tokens"])}
-
-
-@contextmanager
-def triton_server(args, model: str) -> Iterator[tuple[str, str]]:
-    """(gRPC url, metrics url): the one given, or a tritonserver of our own on ``model``."""
-    if args.url:
-        yield args.url, args.metrics_url
-        return
-    config = bench_server_config(model, "bench-tritonserver-video.log")
-    print("starting tritonserver ...", flush=True)
-    with TritonServer(config) as server:
-        server.wait_ready(900, progress=True)
-        yield config.grpc_url, f"http://{config.host}:{config.metrics_port}/metrics"
 
 
 def bench_paths(grpc_url: str, uri: str, levels: list[int], n: int) -> tuple[dict, dict]:
@@ -291,14 +229,16 @@ def main() -> int:
         if {"stages", "loader"} & set(args.parts) else []
 
     if "paths" in args.parts:
-        results[VLLM_PATH], results["vllm_answer"] = bench_vllm_server(model, uri, args.concurrency, args.requests)
+        results[VLLM_PATH], results["vllm_answer"] = bench_vllm_server(
+            model, uri, args.concurrency, args.requests, kind="video", limits={"image": 8, "video": 8},
+            prompt=PROMPT, sampling=SAMPLING)
         save()
     if "loader" in args.parts:
         results["loader"] = bench_loader(model, distinct[:n_stage])
         save()
         print_loader(results["loader"])
     if {"paths", "stages"} & set(args.parts):
-        with triton_server(args, model) as (grpc_url, metrics_url):
+        with triton_server(args, model, kind="video") as (grpc_url, metrics_url):
             if "paths" in args.parts:
                 results["triton"], answers = bench_paths(grpc_url, uri, args.concurrency, args.requests)
                 results["answers"] = answers
