@@ -15,7 +15,7 @@ import pytest
 
 from client import InferenceFailed, RequestInputs, build_inputs, stream_grpc
 from conftest import metric, pipeline_server
-from mmtriton.testing import audio_bytes, tone, wav_bytes
+from mmtriton.testing import assert_pool_drained, audio_bytes, tone, wav_bytes
 
 pytestmark = pytest.mark.integration
 PATHS = ("multimodal_agg", "multimodal_bls", "multimodal")
@@ -174,12 +174,7 @@ def test_audio_failures_name_the_item_on_every_path_and_leak_nothing(audio_serve
             assert time.monotonic() - t0 < 30
     with pytest.raises(InferenceFailed, match="too many media items"):
         tokens(audio_server, "multimodal_bls", RequestInputs(text_input="x", audio_url=[good] * 9, stream=True))
-    deadline = time.monotonic() + 30
-    while (metric(audio_server, "mmtriton_embedding_pool", "bytes_in_use", "encoder_audio") != 0
-           and time.monotonic() < deadline):
-        time.sleep(0.5)
-    assert metric(audio_server, "mmtriton_embedding_pool", "bytes_in_use", "encoder_audio") == 0
-    assert metric(audio_server, "mmtriton_embedding_pool", "expired", "encoder_audio") == 0
+    assert_pool_drained(audio_server, "encoder_audio")
     ok, _ = tokens(audio_server, "multimodal", RequestInputs(text_input="x", audio_url=[good],
                                                              sampling_parameters={"max_tokens": 3}, stream=True))
     assert len(ok) == 3

@@ -13,6 +13,7 @@ import pytest
 
 from client import InferenceFailed, RequestInputs, build_inputs, generate_http, stream_grpc
 from conftest import metric, pattern_image, png_bytes
+from mmtriton.testing import assert_pool_drained
 
 pytestmark = pytest.mark.integration
 PATHS = ("multimodal_agg", "multimodal_bls", "multimodal")
@@ -194,12 +195,7 @@ def test_media_failures_name_the_item_and_leak_nothing(triton_server, media_dir,
     with pytest.raises(InferenceFailed, match="too many media items"):
         tokens(triton_server, "multimodal_bls", RequestInputs(text_input="x", image_url=[good] * 9, stream=True))
     # Every region the encoder handed out was acknowledged by prefill or released: the pool is empty again.
-    deadline = time.monotonic() + 30
-    while (metric(triton_server, "mmtriton_embedding_pool", "bytes_in_use", "encoder_image") != 0
-           and time.monotonic() < deadline):
-        time.sleep(0.5)
-    assert metric(triton_server, "mmtriton_embedding_pool", "bytes_in_use", "encoder_image") == 0
-    assert metric(triton_server, "mmtriton_embedding_pool", "expired", "encoder_image") == expired
+    assert_pool_drained(triton_server, "encoder_image", expired)
     ok, _ = tokens(triton_server, "multimodal_bls", RequestInputs(text_input="x", image_url=[good],
                                                                  sampling_parameters={"max_tokens": 3}, stream=True))
     assert len(ok) == 3

@@ -18,7 +18,7 @@ from client import InferenceFailed, RequestInputs, stream_grpc
 from conftest import metric, pattern_image, png_bytes
 from mmtriton.media.video import SampledVideo, VideoLimits, decode_video
 from mmtriton.settings import Settings
-from mmtriton.testing import video_bytes
+from mmtriton.testing import assert_pool_drained, video_bytes
 
 pytestmark = pytest.mark.integration
 PATHS = ("multimodal_agg", "multimodal_bls", "multimodal")
@@ -217,12 +217,7 @@ def test_video_failures_name_the_item_on_every_path_and_leak_nothing(triton_serv
             tokens(triton_server, model, RequestInputs(text_input="x", video_url=[good],
                                                        sampling_parameters=too_many, stream=True))
     # (Up to the ack timeout, 60 s: regions an earlier module's killed prefill never acknowledged are reclaimed then.)
-    deadline = time.monotonic() + 75
-    while (metric(triton_server, "mmtriton_embedding_pool", "bytes_in_use", "encoder_image") != 0
-           and time.monotonic() < deadline):
-        time.sleep(0.5)
-    assert metric(triton_server, "mmtriton_embedding_pool", "bytes_in_use", "encoder_image") == 0
-    assert metric(triton_server, "mmtriton_embedding_pool", "expired", "encoder_image") == expired
+    assert_pool_drained(triton_server, "encoder_image", expired, within_s=75)
     ok, _ = tokens(triton_server, "multimodal", RequestInputs(text_input="x", video_url=[good],
                                                               sampling_parameters={"max_tokens": 3}, stream=True))
     assert len(ok) == 3

@@ -220,6 +220,19 @@ def metric(server: _HasMetricsEndpoint, name: str, item: str, model: str) -> flo
     return metric_value(metrics_text(server), name, item=item, model=model)
 
 
+def assert_pool_drained(server: _HasMetricsEndpoint, encoder: str, expired_before: float = 0.0,
+                        within_s: float = 30.0) -> None:
+    """Every region ``encoder`` handed out was acknowledged by prefill or released: its embedding pool is empty
+    again within ``within_s``, and its (cumulative) expired count is still ``expired_before``."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while metric(server, "mmtriton_embedding_pool", "bytes_in_use", encoder) != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert metric(server, "mmtriton_embedding_pool", "bytes_in_use", encoder) == 0
+    assert metric(server, "mmtriton_embedding_pool", "expired", encoder) == expired_before
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
