@@ -212,7 +212,7 @@ def _decode_with_av(
             rate = int(stream.rate or 0)
             if rate <= 0:
                 raise InvalidInput(f"{where}: cannot decode audio (no sample rate)")
-            header_seconds = _av_header_seconds(container, stream)
+            header_seconds = av_header_seconds(container, stream)
             if header_seconds is not None:
                 _check_header_seconds(header_seconds, where, max_seconds)
             expected = int(header_seconds * rate) if header_seconds is not None else 0
@@ -242,8 +242,8 @@ def _mono(packed: np.ndarray, channels: int) -> np.ndarray:
     return np.ascontiguousarray(frames[:, 0] if channels == 1 else frames.mean(axis=1), dtype=np.float32)
 
 
-def _av_header_seconds(container, stream) -> float | None:
-    """The duration FFmpeg tells before decoding (stream header, else container), or None."""
+def av_header_seconds(container, stream) -> float | None:
+    """The duration FFmpeg tells before decoding (stream header, else container), or None. (Video too.)"""
     if stream.duration is not None and stream.duration > 0 and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None and container.duration > 0:

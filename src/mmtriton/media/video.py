@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mmtriton.media.audio import av_header_seconds
 from mmtriton.protocol import InvalidInput, VideoOptions
 from mmtriton.settings import Settings
 
@@ -282,7 +283,7 @@ def _decode_open(container, where: str, limits: VideoLimits, num_frames: int | N
             f"{where}: video is too large: {width}x{height} = {width * height} pixels a frame, limit is "
             f"{limits.max_source_pixels} (MMT_MAX_VIDEO_SOURCE_PIXELS; not decoded)"
         )
-    header_seconds = _header_seconds(container, stream)
+    header_seconds = av_header_seconds(container, stream)
     if header_seconds is not None and header_seconds > limits.max_seconds:
         raise InvalidInput(
             f"{where}: video is {header_seconds:.1f} s long by its header, limit is {limits.max_seconds:g} s "
@@ -345,17 +346,6 @@ def _decode_open(container, where: str, limits: VideoLimits, num_frames: int | N
         timestamps_s=tuple(times[i] - times[0] for i in kept) if times is not None else
         tuple(i / stream_fps for i in kept),
     )
-
-
-def _header_seconds(container, stream) -> float | None:
-    """The duration FFmpeg tells before reading packets (stream header, else container), or None."""
-    import av
-
-    if stream.duration is not None and stream.duration > 0 and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None and container.duration > 0:
-        return container.duration / av.time_base
-    return None
 
 
 def _index_packets(container, stream, where: str, deadline: float, timeout_s: float) -> _Index:
