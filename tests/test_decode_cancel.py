@@ -86,3 +86,35 @@ def test_without_a_request_id_only_the_client_cancels():
         return await asyncio.wait_for(task, 1)
 
     assert asyncio.run(run()) is None
+
+
+def test_an_ensemble_decode_is_cancelled_by_its_triton_request_id():
+    # The ensemble's llm_decode step carries the client's request id (the payload has none); a cancel by that id
+    # while it runs stops it, and a cancel left over from an earlier request with the same id does not.
+    svc = service()
+    svc.cancel(DecodeCancel(request_id="client-7"))  # a stale cancel: client ids may repeat
+
+    async def run():
+        task = asyncio.ensure_future(svc.run(request(""), lambda _c: None, lambda: False, "client-7"))
+        await asyncio.sleep(0.05)
+        assert not task.done(), "a cancel from before the decode started stopped it"
+        svc.cancel(DecodeCancel(request_id="client-7"))
+        return await asyncio.wait_for(task, 1)
+
+    assert asyncio.run(run()) is None
+    assert svc._cancels == {}
+
+
+def test_the_payload_id_wins_over_the_triton_request_id():
+    svc = service()
+
+    async def run():
+        task = asyncio.ensure_future(svc.run(request("bls-1"), lambda _c: None, lambda: False, "client-7"))
+        await asyncio.sleep(0.05)
+        svc.cancel(DecodeCancel(request_id="client-7"))
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        svc.cancel(DecodeCancel(request_id="bls-1"))
+        return await asyncio.wait_for(task, 1)
+
+    assert asyncio.run(run()) is None

@@ -128,15 +128,23 @@ class DecodeService:
         self._cancels[cancel.request_id] = now
 
     async def run(self, request: DecodeRequest, emit: Callable[[GenerationChunk], None],
-                  cancelled: Callable[[], bool]) -> GenerationChunk | None:
+                  cancelled: Callable[[], bool], triton_request_id: str = "") -> GenerationChunk | None:
+        """``triton_request_id``: the id of the Triton request this decode serves. An ensemble gives its steps
+        the client's id, and Triton 2.51's ensemble never cancels a step already running (only steps it
+        schedules after the cancel), so a DecodeCancel by that id (our OpenAI server sends one when its client
+        goes) is how such a decode stops. Only a cancel that comes while it runs counts: unlike the BLS's
+        uuids, a client's ids may repeat."""
         verify(request.prefill, self.key)
-        if request.request_id:
-            asked, rid = cancelled, request.request_id
+        rid = request.request_id or triton_request_id
+        if not request.request_id:
+            self._cancels.pop(rid, None)  # an earlier request's cancel under the same id is not ours
+        if rid:
+            asked = cancelled
             cancelled = lambda: rid in self._cancels or asked()  # noqa: E731 - the engine polls it
         try:
             return await self._run(request, emit, cancelled)
         finally:
-            self._cancels.pop(request.request_id, None)
+            self._cancels.pop(rid, None)
 
     async def _run(self, request: DecodeRequest, emit: Callable[[GenerationChunk], None],
                    cancelled: Callable[[], bool]) -> GenerationChunk | None:

@@ -222,6 +222,8 @@ class ResponseChannel:
 
     def __init__(self, request, responses: ResponseThread):
         self.sender = request.get_response_sender()
+        # The client's request id; an ensemble gives its steps the id of the ensemble request.
+        self.request_id: str = request.request_id() or ""
         self.requested = frozenset(request.requested_output_names())
         # A decoupled BLS caller on 2.51 never sees an error response after the first (see IN_BAND_ERRORS).
         self.in_band_errors = wants_in_band_errors(request)

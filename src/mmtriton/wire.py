@@ -80,12 +80,13 @@ class DecodeRequest(BaseModel):
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
     stream: bool = False
     # Set by the BLS model, so it can cancel this decode (DecodeCancel) when its client goes: Triton 2.51's BLS
-    # has no way to cancel a request it made. Empty from the ensemble (Triton cancels its steps itself).
+    # has no way to cancel a request it made. Empty from the ensemble: there llm_decode uses the Triton request's
+    # id, which the ensemble copies from the client's request.
     request_id: str = ""
 
 
 class DecodeCancel(BaseModel):
-    """BLS → llm_decode: stop the decode with this ``request_id`` (its client cancelled)."""
+    """BLS or the OpenAI server → llm_decode: stop the decode with this ``request_id`` (its client cancelled)."""
 
     model_config = ConfigDict(extra="forbid")
     request_id: str = Field(min_length=1)

@@ -30,7 +30,7 @@ class TritonPythonModel:
             return
         raw = input_string(inputs["decode_request"], "decode_request")
         request = parse_stage(DecodeRequest, raw or "", "decode_request")
-        final = await self.service.run(request, channel.emit, channel.is_cancelled)
+        final = await self.service.run(request, channel.emit, channel.is_cancelled, channel.request_id)
         if final is None:
             pb_utils.Logger.log_info("llm_decode: request cancelled by the client; aborted in vLLM")
             channel.finish_cancelled()
