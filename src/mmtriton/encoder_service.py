@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from mmtriton.embedding_cache import EmbeddingCache
 from mmtriton.families import family_for
 from mmtriton.media.loader import MediaLoader
 from mmtriton.metrics import StageTimes
@@ -102,6 +103,11 @@ class EncoderService:
         served = encoder.kinds if encoder is not None else SERVED_KINDS.get(kind, (kind,))
         self.kinds = tuple(k for k in served if k in self.family.embeds) if encoder is not None else served
         self.media = MediaLoader(settings)
+        # Embeddings of recent items by content × this encoder (its checkpoint and dtype): a hit skips the tower.
+        self.embedding_cache = EmbeddingCache(
+            settings.embedding_cache_mib * MiB if encoder is not None else 0,
+            scope=f"encoder_{kind}:{settings.model_path()}:{settings.dtype}",
+        )
         self.times = StageTimes()
         # Forward passes, the requests they served, and the most requests one pass served (a gauge).
         self.batching = {"batches": 0, "requests": 0, "max_requests": 0}
@@ -138,11 +144,19 @@ class EncoderService:
         values = [value for batch in loaded if not isinstance(batch, BaseException) for value in batch]
         if not values:
             return [batch if isinstance(batch, BaseException) else [] for batch in loaded]
-        self.batching["batches"] += 1
-        self.batching["requests"] += len(requests)
-        self.batching["max_requests"] = max(self.batching["max_requests"], len(requests))
-        with self.times.time("encode"):
-            encoded = iter(await asyncio.to_thread(self.encoder.encode_many, values))
+        kinds = [item.kind for items, batch in zip(requests, loaded, strict=True)
+                 if not isinstance(batch, BaseException) for item in items]
+        # Hashing the decoded items reads all their bytes: off the event loop, as the tower is.
+        with self.times.time("embedding_lookup"):
+            plan = await asyncio.to_thread(self.embedding_cache.plan, kinds, values)
+        fresh: list[EncodedMedia] = []
+        if plan.to_encode:  # else every item was cached: no forward pass
+            self.batching["batches"] += 1
+            self.batching["requests"] += len(requests)
+            self.batching["max_requests"] = max(self.batching["max_requests"], len(requests))
+            with self.times.time("encode"):
+                fresh = await asyncio.to_thread(self.encoder.encode_many, plan.to_encode)
+        encoded = iter(plan.complete(fresh))
         results: list[list[str] | BaseException] = []
         with self.times.time("embedding_put"):
             for items, batch in zip(requests, loaded, strict=True):

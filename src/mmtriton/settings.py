@@ -87,6 +87,9 @@ class Settings:
     # The encoder's NIXL-registered embedding pool, and how long a region waits for the reader's ack.
     embedding_pool_mib: int = 256
     embedding_ack_timeout_s: float = 60.0
+    # Embeddings of recent media items each encoder keeps (LRU by bytes, CPU; a repeated item skips the tower,
+    # keyed by the decoded item's content × the encoder's checkpoint and dtype). 0 disables it.
+    embedding_cache_mib: int = 256
     # Each stage call (embedding fetch, BLS call to a stage) gives up after this.
     stage_timeout_s: float = 120.0
     # vLLM NixlConnector side channels (host, and one port per engine).

@@ -78,6 +78,8 @@ class EncoderModel:
         self.metrics = triton_io.GaugeExporter(self.model_name, {
             "mmtriton_media_cache": ("Decoded-media cache of the encoder (hits, misses, evictions, bytes, items)",
                                      service.media.stats),
+            "mmtriton_embedding_cache": ("Embedding cache of the encoder (hits: items answered without the tower, "
+                                         "misses, bytes, entries, evictions)", service.embedding_cache.stats),
             "mmtriton_embedding_pool": ("Embedding pool occupancy and transfer counters of the encoder",
                                         service.pool_stats),
             "mmtriton_encoder_batching": ("Forward passes of the tower, the requests they served, the most in one",
