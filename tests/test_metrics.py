@@ -24,3 +24,14 @@ def test_failed_stage_is_still_timed():
     except ValueError:
         pass
     assert times.counts() == {"image_load": 1.0}
+
+
+def test_stage_histogram_counts_what_sum_and_count_count():
+    times = StageTimes(buckets=(0.01, 0.1, 1.0))
+    times.add("decode", 0.5, count=25)  # one request's decode: 25 tokens at 20 ms
+    times.add("decode", 2.0)
+    times.add("skipped", 0.0, count=0)  # nothing executed: no observation
+    histogram = times.histograms()["decode"]
+    assert histogram.cumulative() == [(0.01, 0), (0.1, 25), (1.0, 25), (float("inf"), 26)]
+    assert (histogram.count, histogram.sum) == (times.counts()["decode"], times.sums()["decode"])
+    assert "skipped" not in times.histograms()

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmtriton import vllm_metrics
 from mmtriton.families import checkpoint_config
 from mmtriton.metrics import StageTimes
 from mmtriton.protocol import InvalidInput, SamplingOptions
@@ -221,7 +222,8 @@ class VllmEngine:
         self._stop = asyncio.Event()
         try:
             t0 = time.monotonic()
-            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args),
+                                                 stat_loggers=vllm_metrics.stat_loggers_for(self))
             log.info("vLLM engine for %s started in %.1f s", self.engine_args.get("model"), time.monotonic() - t0)
         except BaseException as exc:  # reported to start()'s caller
             self._start_error = exc
@@ -253,7 +255,9 @@ class VllmEngine:
             t0 = time.monotonic()
             try:
                 # Blocks this loop while the engine starts: requests queued meanwhile run on the new engine.
-                self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**fresh_engine_identity(self.engine_args)))
+                # The new engine's stat logger records into the same store (vllm_metrics.stats_of).
+                self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**fresh_engine_identity(self.engine_args)),
+                                                     stat_loggers=vllm_metrics.stat_loggers_for(self))
                 self.restarts += 1
                 log.warning("vLLM engine restarted in %.1f s (restart %d)", time.monotonic() - t0, self.restarts)
             except Exception:

@@ -19,10 +19,13 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mmtriton import vllm_metrics
 from mmtriton.engine import EngineDead, GenerationChunk
 from mmtriton.media.errors import MediaUnavailable
+from mmtriton.metrics import HistogramSnapshot, replay
 from mmtriton.protocol import CLIENT_ERROR_PREFIX, UNAVAILABLE_PREFIX, InvalidInput
 from mmtriton.settings import Settings
+from mmtriton.vllm_metrics import Labels, VllmStats
 
 
 def auto_complete(config, inputs: Iterable[dict[str, Any]], outputs: Iterable[dict[str, Any]], decoupled: bool):
@@ -287,32 +290,52 @@ class ResponseChannel:
 class GaugeExporter:
     """Publishes numbers as Triton custom metrics (on :8002/metrics), refreshed by a background thread.
 
-    ``sources`` maps a metric name to (help text, a function returning {label value: number}); each gets the
-    labels model=<model> and item=<label value>.
+    ``sources`` maps a metric name to either (help text, a function returning {label value: number}): a gauge
+    family whose metrics get the labels model=<model> and item=<label value>; or a ``MetricsExport`` (an object
+    with ``publish(model, version)``, e.g. HistogramExport, VllmMetricsExport) that owns its families. Each
+    source is refreshed on its own: one failing never stops the others or the thread.
     """
 
-    def __init__(self, model: str, sources: dict[str, tuple[str, Callable[[], dict[str, float]]]],
-                 interval_s: float = 0.5):
+    def __init__(self, model: str, sources: dict[str, tuple[str, Callable[[], dict[str, float]]] | MetricsExport],
+                 interval_s: float = 0.5, version: str = "1"):
         self.model = model
-        self.sources = sources
+        self.version = version
+        self.sources = {name: s for name, s in sources.items() if isinstance(s, tuple)}
+        self.exports = [s for s in sources.values() if not isinstance(s, tuple)]
         self.interval_s = interval_s
         self.families = {
             name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
-            for name, (text, _fn) in sources.items()
+            for name, (text, _fn) in self.sources.items()
         }
         self.gauges: dict[tuple[str, str], Any] = {}
+        self._published: dict[tuple[str, str], float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{model}-metrics", daemon=True)
         self.refresh()
         self._thread.start()
 
     def refresh(self) -> None:
+        """Publish every source once; raises the first failure after trying them all."""
+        failure: Exception | None = None
         for name, (_text, fn) in self.sources.items():
-            for item, value in fn().items():
-                key = (name, item)
-                if key not in self.gauges:
-                    self.gauges[key] = self.families[name].Metric(labels={"model": self.model, "item": item})
-                self.gauges[key].set(float(value))
+            try:
+                for item, value in fn().items():
+                    key = (name, item)
+                    if key not in self.gauges:
+                        self.gauges[key] = self.families[name].Metric(labels={"model": self.model, "item": item})
+                    # Only what changed: a gauge's set is a round trip to the server that holds the GIL.
+                    if self._published.get(key) != float(value):
+                        self.gauges[key].set(float(value))
+                        self._published[key] = float(value)
+            except Exception as exc:
+                failure = failure or exc
+        for export in self.exports:
+            try:
+                export.publish(self.model, self.version)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -326,19 +349,118 @@ class GaugeExporter:
         self._thread.join(2)
 
 
-def engine_sources(engine) -> dict[str, tuple[str, Callable[[], dict[str, float]]]]:
-    """GaugeExporter sources for a model that owns a VllmEngine: its health gauge and its stage times."""
+class MetricsExport:
+    """A GaugeExporter source that owns its Triton families (made on first publish, on the exporter's thread)."""
+
+    def publish(self, model: str, version: str) -> None:
+        raise NotImplementedError
+
+
+def _observe_replay(metric: Any, before: HistogramSnapshot | None, after: HistogramSnapshot) -> None:
+    """Triton histograms only take single observations (``observe``: one round trip each, without the GIL)."""
+    for value, times in replay(before, after):
+        for _ in range(times):
+            metric.observe(value)
+
+
+class HistogramExport(MetricsExport):
+    """One Triton HISTOGRAM family from ``fn() -> {item: HistogramSnapshot}`` (labels model, item); each publish
+    observes what was added since the last one (metrics.replay: exact buckets, count and sum)."""
+
+    def __init__(self, name: str, description: str, fn: Callable[[], dict[str, HistogramSnapshot]]):
+        self.name, self.description, self.fn = name, description, fn
+        self._family: Any = None
+        self._metrics: dict[tuple[str, str], Any] = {}
+        self._published: dict[tuple[str, str], HistogramSnapshot] = {}
+
+    def publish(self, model: str, version: str) -> None:
+        if self._family is None:
+            self._family = pb_utils.MetricFamily(name=self.name, description=self.description,
+                                                 kind=pb_utils.MetricFamily.HISTOGRAM)
+        for item, snapshot in self.fn().items():
+            key = (model, item)
+            if key not in self._metrics:
+                self._metrics[key] = self._family.Metric(labels={"model": model, "item": item},
+                                                         buckets=list(snapshot.bounds))
+            before = self._published.get(key)
+            self._published[key] = snapshot  # first: a failing observe loses this interval, never counts it twice
+            _observe_replay(self._metrics[key], before, snapshot)
+
+
+class VllmMetricsExport(MetricsExport):
+    """vLLM's own metric families (mmtriton.vllm_metrics.VLLM_METRICS) from a VllmStats, labelled model and
+    version as triton-inference-server/vllm_backend labels them. Counters are published as increments since the
+    last publish, gauges when they changed, histograms as their new observations (Triton 2.51's python backend
+    has HISTOGRAM families: r24.10 pb_stub.cc). Every family and metric known so far is created on the first
+    publish, so a scraper sees them (at 0) before the first request."""
+
+    def __init__(self, stats: VllmStats):
+        self.stats = stats
+        self._families: dict[str, Any] = {}
+        self._metrics: dict[tuple[str, Labels], Any] = {}
+        self._counters: dict[tuple[str, Labels], float] = {}
+        self._gauges: dict[str, float] = {}
+        self._histograms: dict[str, HistogramSnapshot] = {}
+
+    def _metric(self, name: str, labels: Labels, base: dict[str, str], buckets: list[float] | None = None):
+        key = (name, labels)
+        if key not in self._metrics:
+            if name not in self._families:
+                spec = vllm_metrics.METRICS_BY_NAME[name]
+                kind = {vllm_metrics.COUNTER: pb_utils.MetricFamily.COUNTER,
+                        vllm_metrics.GAUGE: pb_utils.MetricFamily.GAUGE,
+                        vllm_metrics.HISTOGRAM: pb_utils.MetricFamily.HISTOGRAM}[spec.kind]
+                self._families[name] = pb_utils.MetricFamily(name=name, description=spec.help, kind=kind)
+            all_labels = {**base, **dict(labels)}
+            self._metrics[key] = (self._families[name].Metric(labels=all_labels) if buckets is None
+                                  else self._families[name].Metric(labels=all_labels, buckets=buckets))
+        return self._metrics[key]
+
+    def publish(self, model: str, version: str) -> None:
+        base = {"model": model, "version": version}
+        snapshot = self.stats.snapshot()
+        counters = {(m.name, ()): 0.0 for m in vllm_metrics.VLLM_METRICS if m.kind == vllm_metrics.COUNTER
+                    and m.name != "vllm:request_success_total"}  # that one has a label per finish reason
+        counters.update(snapshot.counters)
+        for key, total in counters.items():
+            metric = self._metric(*key, base)
+            delta = total - self._counters.get(key, 0.0)
+            if delta > 0:
+                self._counters[key] = total
+                metric.increment(delta)
+        for name, value in snapshot.gauges.items():
+            metric = self._metric(name, (), base)
+            if self._gauges.get(name) != value:
+                self._gauges[name] = value
+                metric.set(value)
+        for name, histogram in snapshot.histograms.items():
+            metric = self._metric(name, (), base, buckets=list(histogram.bounds))
+            before = self._histograms.get(name)
+            self._histograms[name] = histogram
+            _observe_replay(metric, before, histogram)
+
+
+def engine_sources(engine) -> dict[str, tuple[str, Callable[[], dict[str, float]]] | MetricsExport]:
+    """GaugeExporter sources for a model that owns a VllmEngine: its health gauge, its stage times and vLLM's own
+    metrics (``vllm:*``, recorded by the engine's stat logger: mmtriton.vllm_metrics)."""
+    stats = vllm_metrics.stats_of(engine)
     return {
-        "mmtriton_engine": ("vLLM engine state: alive (1/0), restarts after crashes, requests cancelled",
+        "mmtriton_engine": ("vLLM engine state: alive (1/0), restarts after crashes, requests cancelled, vLLM "
+                            "stat-logger failures (stat_errors)",
                             lambda: {"alive": float(engine.alive), "restarts": engine.restarts,
-                                     "cancelled": engine.cancelled}),
+                                     "cancelled": engine.cancelled, "stat_errors": stats.record_errors}),
         **stage_time_sources(engine.times),
+        "vllm": VllmMetricsExport(stats),
     }
 
 
-def stage_time_sources(times) -> dict[str, tuple[str, Callable[[], dict[str, float]]]]:
+def stage_time_sources(times) -> dict[str, tuple[str, Callable[[], dict[str, float]]] | MetricsExport]:
     """GaugeExporter sources for a StageTimes (the same names and help in every model, as Triton requires)."""
     return {
         "mmtriton_stage_seconds": ("Seconds spent per pipeline stage, summed (item = stage)", times.sums),
         "mmtriton_stage_count": ("Stage executions (tokens for decode) counted (item = stage)", times.counts),
+        "mmtriton_stage_duration_seconds": HistogramExport(
+            "mmtriton_stage_duration_seconds",
+            "Seconds per pipeline stage execution (item = stage; decode: per token, the request's mean)",
+            times.histograms),
     }
