@@ -15,6 +15,7 @@ import numpy as np
 from mmtriton.openai_process import OpenAIServerConfig
 from mmtriton.openai_schema import Delta, OpenAIError
 from mmtriton.protocol import error_class
+from mmtriton.wire import DecodeCancel
 
 log = logging.getLogger("mmtriton.openai")
 
@@ -44,6 +45,8 @@ class TritonGateway:
         self._next_client = itertools.cycle(self._clients)
         self._ready: list[str] = []
         self._ready_at = 0.0
+        self._ends_in_decode: dict[str, bool] = {}
+        self._pending: set[asyncio.Task] = set()
 
     async def close(self) -> None:
         for client in self._clients:
@@ -111,8 +114,44 @@ class TritonGateway:
             if not finished:
                 call.cancel()  # the client went away or the request failed: Triton cancels its request
                 log.debug("%s: Triton stream cancelled", request_id)
+                task = asyncio.ensure_future(self._cancel_ensemble_decode(model, request_id))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
             done.set()
         raise OpenAIError(500, f"{model} ended the stream without a final response")
+
+    async def _cancel_ensemble_decode(self, model: str, request_id: str) -> None:
+        """Triton 2.51's ensemble does not pass a cancel on to a step that is already running (it cancels only
+        the steps it schedules afterwards), so an ensemble's llm_decode would generate to the end. llm_decode
+        knows the decode by our request id (the ensemble gives it to every step): tell it."""
+        try:
+            if not await self._ends_in_llm_decode(model):
+                return
+            import tritonclient.grpc.aio as grpcaio
+
+            cancel = np.array([DecodeCancel(request_id=request_id).model_dump_json().encode()], dtype=object)
+            tensor = grpcaio.InferInput("decode_cancel", [1], "BYTES")
+            tensor.set_data_from_numpy(cancel)
+
+            async def one_request():
+                yield {"model_name": "llm_decode", "inputs": [tensor]}
+
+            call = self._clients[0].stream_infer(one_request(), stream_timeout=10)
+            async for _result, error in call:  # one empty final answer
+                if error is not None:
+                    raise RuntimeError(error.message())
+                break
+            call.cancel()
+            log.info("%s: llm_decode told to stop (the client went away)", request_id)
+        except Exception as exc:  # noqa: BLE001 - the decode then runs to its end: wasteful, not wrong
+            log.warning("%s: could not cancel %s's decode: %s", request_id, model, exc)
+
+    async def _ends_in_llm_decode(self, model: str) -> bool:
+        if model not in self._ends_in_decode:
+            config = (await self._clients[0].get_model_config(model, as_json=True, client_timeout=10))["config"]
+            steps = config.get("ensemble_scheduling", {}).get("step", [])
+            self._ends_in_decode[model] = any(step.get("model_name") == "llm_decode" for step in steps)
+        return self._ends_in_decode[model]
 
 
 def _delta(result) -> Delta:
