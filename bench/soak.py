@@ -26,6 +26,7 @@ import statistics
 import sys
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client import GrpcStreamClient, InferenceFailed, RequestInputs  # noqa: E402
+from client import GrpcStreamClient, InferenceFailed, RequestInputs, cancel_decode  # noqa: E402
 from mmtriton.server import TritonServer  # noqa: E402
 from mmtriton.supervisor import STUB_BINARY  # noqa: E402
 from mmtriton.testing import bench_server_config, metric_value, pattern_image, png_bytes  # noqa: E402
@@ -163,13 +164,17 @@ class Worker:
         try:
             if self.client is None:
                 self.client = GrpcStreamClient(self.url)
-            stream = self.client.generate(job.path, request_inputs(job, uris), timeout_s=response_timeout_s)
+            request_id = uuid.uuid4().hex
+            stream = self.client.generate(job.path, request_inputs(job, uris), timeout_s=response_timeout_s,
+                                          request_id=request_id)
             for responses, response in enumerate(stream, start=1):
                 out.ttft_s = out.ttft_s if out.ttft_s is not None else time.perf_counter() - start
                 out.tokens += response["token_ids"]
                 if job.cancel_after is not None and responses >= job.cancel_after:
                     out.status = "cancelled"
                     self.drop()  # closes the stream with cancel_requests=True: the server cancels the request
+                    if job.path == "multimodal":  # the ensemble cannot pass it on to its running llm_decode
+                        cancel_decode(self.url, request_id)
                     break
                 if time.perf_counter() - start > deadline_s:
                     raise TimeoutError(f"no final response within {deadline_s:.0f} s")

@@ -6,7 +6,8 @@
 
 Also: ``stream_http`` (Triton's generate_stream), ``generate_http`` (one response), ``GrpcStreamClient`` (one
 connection for many requests), ``chat_messages`` (OpenAI ``messages`` for the ``messages`` input or the
-OpenAI-compatible server). ``python -m client --help`` is the command-line front end.
+OpenAI-compatible server), ``cancel_decode`` (stop the decode of a cancelled ``multimodal`` request).
+``python -m client --help`` is the command-line front end.
 """
 
 from __future__ import annotations
@@ -168,6 +169,32 @@ class GrpcStreamClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def cancel_decode(url: str, request_id: str, timeout_s: float = 10.0) -> None:
+    """After cancelling a request to the ``multimodal`` ensemble, stop its decode too. Triton 2.51's ensemble
+    does not pass a cancel on to a step that is already running, so llm_decode would generate on to
+    ``max_tokens`` for nobody. This sends llm_decode a ``decode_cancel`` for the request's id (the id given to
+    ``generate``; docs/stage-wire.md, DecodeCancel)."""
+    import tritonclient.grpc as grpcclient
+
+    payload = np.array([json.dumps({"request_id": request_id}).encode()], dtype=object)
+    tensor = grpcclient.InferInput("decode_cancel", [1], "BYTES")
+    tensor.set_data_from_numpy(payload)
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result=None, error=None: answers.put(error))
+        client.async_stream_infer("llm_decode", [tensor], enable_empty_final_response=True)
+        try:
+            error = answers.get(timeout=timeout_s)
+        except queue.Empty as exc:
+            raise TimeoutError(f"llm_decode did not answer the cancel within {timeout_s:.0f} s") from exc
+        if error is not None:
+            raise InferenceFailed(str(error))
+    finally:
+        client.stop_stream()
+        client.close()
 
 
 def stream_grpc(url: str, model: str, inputs: RequestInputs, timeout_s: float = 300.0,

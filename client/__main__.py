@@ -11,12 +11,14 @@ Local files become data: URIs; URLs are sent as they are (the server fetches the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from client import InferenceFailed, build_inputs, chat_messages, generate_http, stream_grpc, stream_http
+from client import InferenceFailed, build_inputs, cancel_decode, chat_messages, generate_http, stream_grpc, stream_http
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000", "openai": "127.0.0.1:9000"}
 
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("top_p", "seed", "stop"):
         if getattr(args, name) is not None:
             sampling[name] = getattr(args, name)
+    request_id = uuid.uuid4().hex
+    responses = None
     try:
         if args.protocol == "openai":
             responses = _openai_stream(args, sampling)
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 inputs.image_url = inputs.audio_url = inputs.video_url = None
                 inputs.messages = chat_messages(args.prompt, args.image, args.audio, args.video, args.system)
             if args.protocol == "grpc":
-                responses = stream_grpc(args.url, args.model, inputs, timeout_s=args.timeout)
+                responses = stream_grpc(args.url, args.model, inputs, timeout_s=args.timeout,
+                                        request_id=request_id)
             elif args.no_stream:
                 responses = iter([generate_http(args.url, args.model, inputs, timeout_s=args.timeout)])
             else:
@@ -104,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     except (InferenceFailed, TimeoutError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if hasattr(responses, "close"):
+            responses.close()  # a gRPC stream closes with cancel_requests: Triton cancels the request
+        if args.protocol == "grpc" and args.model == "multimodal":
+            with contextlib.suppress(Exception):  # best effort: the decode would end at max_tokens anyway
+                cancel_decode(args.url, request_id, timeout_s=5)
+        print("\ncancelled", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
