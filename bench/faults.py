@@ -4,8 +4,9 @@ exact PID while clients send image requests through all three paths, and measure
 For each fault it prints: how long until every path answered correctly again (tokens equal to the tokens before
 the fault), the requests that failed meanwhile (each must be an error: none empty, none past its deadline, none
 with other tokens), whether the embedding pools went back to zero, and whether Triton reported the struck model
-not ready meanwhile. The processes it kills are found in the server's own process tree (mmtriton.supervisor's
-stub list), never by pattern.
+not ready meanwhile. At the end: how long the server took to stop, and whether any process its tree had during
+the run (replacements included) outlived it. The processes it kills are found in the server's own process tree
+(mmtriton.supervisor's stub list), never by pattern.
 
     .venv/bin/python bench/faults.py                       # every fault, ~1 min each on 2 cores
     .venv/bin/python bench/faults.py --faults engine:llm_decode stub:encoder_image --clients 4
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "bench-tritonserver-faults.log"))
     server.start()
     rows = []
+    seen = ProcessesSeen(server.process.pid)
     try:
         print(f"starting the server ({server.config.log_file}) …", flush=True)
         server.wait_ready(900, progress=True)
@@ -220,7 +222,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
+        seen.stop()
+        t0 = time.monotonic()
         server.stop()
+        stopped_s = time.monotonic() - t0
+    left = seen.left_running()
+    print(f"\nserver stopped in {stopped_s:.1f} s; processes seen in its tree during the run: {len(seen.procs)}; "
+          f"left running: {left or 'none'}")
     header = ("fault", "recovered_s", "ok", "error", "empty", "hung", "wrong", "not_ready_seen",
               "server_not_ready_seen", "pools_zero")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -231,7 +239,41 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r["fault"] for r in rows if r["recovered_s"] is None or r["empty"] or r["hung"] or r["wrong"]
            or not r["pools_zero"]]
     print(f"\n{len(rows) - len(bad)} of {len(rows)} faults healed cleanly" + (f"; not: {bad}" if bad else ""))
-    return 1 if bad else 0
+    return 1 if bad or left else 0
+
+
+class ProcessesSeen:
+    """Every process of the server's tree during the run (stubs, EngineCores, workers, their replacements), to
+    check that none outlives the server."""
+
+    def __init__(self, root_pid: int, interval_s: float = 1.0):
+        self.root = psutil.Process(root_pid)
+        self.procs: dict[int, psutil.Process] = {root_pid: self.root}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                for child in self.root.children(recursive=True):
+                    self.procs.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def left_running(self) -> list[str]:
+        left = []
+        for proc in self.procs.values():
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:  # same pid and start time
+                    left.append(f"{proc.pid} {proc.name()}")
+            except psutil.Error:
+                pass
+        return left
 
 
 if __name__ == "__main__":
