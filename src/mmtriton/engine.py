@@ -93,6 +93,8 @@ def engine_args_for(settings: Settings, limit_mm_per_prompt: dict[str, int], **o
         max_num_seqs=settings.max_num_seqs,
         enforce_eager=True,  # CPU: no graphs to capture; faster start
         limit_mm_per_prompt=limit_mm_per_prompt,
+        # Stays True: our stat logger (VllmEngine passes stat_loggers) turns vLLM's stats on by itself, without
+        # vLLM's default LoggingStatLogger and its periodic throughput lines (mmtriton.vllm_metrics).
         disable_log_stats=True,
         seed=0,
     )

@@ -311,7 +311,8 @@ class GaugeExporter:
         self._published: dict[tuple[str, str], float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{model}-metrics", daemon=True)
-        self.refresh()
+        self._failures = 0
+        self._refresh_logged()
         self._thread.start()
 
     def refresh(self) -> None:
@@ -337,12 +338,17 @@ class GaugeExporter:
         if failure is not None:
             raise failure
 
+    def _refresh_logged(self) -> None:
+        try:
+            self.refresh()
+        except Exception:  # metrics must never take the model down; the first failure is logged
+            self._failures += 1
+            if self._failures == 1:
+                pb_utils.Logger.log_error(f"{self.model}: publishing metrics failed: {traceback.format_exc()}")
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self.refresh()
-            except Exception:  # metrics must never take the model down
-                pass
+            self._refresh_logged()
 
     def stop(self) -> None:
         self._stop.set()
