@@ -58,7 +58,7 @@ def test_restart_policy_never_ends_the_process(monkeypatch):
 
     class FakeAsyncLLM:
         @staticmethod
-        def from_engine_args(args):
+        def from_engine_args(args, stat_loggers=None):
             started.append(args)
             return NewLLM()
 
