@@ -310,6 +310,11 @@ class EmbeddingReceiver:
         try:
             with self._nixl_lock:
                 self._agent.send_notif(desc.agent, ACK_PREFIX + desc.transfer_id.encode("ascii"))
+                # The notification can stay queued in UCX until this agent is progressed again (seen: > 10 s in
+                # one process; the sender's region stays taken meanwhile). A prefill that goes idle after its last
+                # fetch would only release it at the ack timeout. get_new_notifs() progresses the worker; this
+                # agent is sent nothing, so nothing is lost.
+                self._agent.get_new_notifs()
         except Exception as e:
             # We have the data; a sender that vanished has nothing left to free.
             log.warning("receiver %s: ack for transfer %s to %r failed: %s", self.name, desc.transfer_id, desc.agent, e)
