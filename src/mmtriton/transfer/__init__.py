@@ -15,7 +15,10 @@ byte copies), :mod:`.agent` (NIXL agent creation, registration, and the measured
 
 NIXL agents are created with NIXL_THREAD_SYNC_NONE, i.e. not thread-safe: the sender's agent is touched only
 by its poll thread, and the receiver serialises every agent call with a lock (held per call, not per
-transfer, so concurrent fetches overlap). Knows nothing of Triton or vLLM.
+transfer). Over shared memory (CMA, the default here) the whole READ happens inside ``transfer()``, so
+concurrent fetches run one after another and ``timeout_s`` cannot interrupt a READ in progress; a dead sender
+still ends it at once (``PeerDisconnected``, tests/test_transfer_peer_death.py). Only a transport whose
+``transfer()`` returns ``PROC`` overlaps fetches. Knows nothing of Triton or vLLM.
 """
 
 from mmtriton.transfer.agent import ACK_PREFIX
