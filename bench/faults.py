@@ -113,7 +113,8 @@ def target_pid(server_pid: int, fault: str) -> int:
     stubs = [s for s in list_stubs(server_pid) if s.model == model]
     if not stubs:
         raise LookupError(f"no stub for {model}")
-    stub = stubs[0]
+    # The newest: an older stub of the same model may be a version Triton has not finished unloading.
+    stub = max(stubs, key=lambda s: s.create_time)
     if what == "stub":
         return stub.pid
     children = psutil.Process(stub.pid).children(recursive=True)

@@ -229,8 +229,9 @@ def fake_triton():
         srv.server_close()
 
 
-def _stub(pid: int, model: str = "encoder_image", instance: str | None = None, descendants=()) -> StubProcess:
-    return StubProcess(pid, model, instance or f"{model}_0_0", 1.0, tuple(descendants))
+def _stub(pid: int, model: str = "encoder_image", instance: str | None = None, descendants=(),
+          created: float = 1.0) -> StubProcess:
+    return StubProcess(pid, model, instance or f"{model}_0_0", created, tuple(descendants))
 
 
 class Scripted:
@@ -309,10 +310,40 @@ def test_ensembles_triton_brought_back_are_not_loaded_again(fake_triton):
 
 def test_no_reload_for_an_unload_in_progress_or_a_stub_replaced_by_a_new_one(fake_triton):
     triton = fake_triton({"encoder_image": "UNLOADING", "llm_decode": "READY"})
-    sup, _, _ = _supervisor(Scripted([_stub(10), _stub(20, "llm_decode")], [_stub(21, "llm_decode")]), triton)
+    sup, _, _ = _supervisor(Scripted([_stub(10), _stub(20, "llm_decode")], [_stub(21, "llm_decode", created=2.0)]),
+                            triton)
     sup.poll_once()
     sup.poll_once()  # 10 gone while UNLOADING; 20 replaced by 21 for the same instance
     assert triton.calls == [] and sup.stats() == {}
+
+
+def test_the_serving_stub_dying_beside_an_older_one_of_its_instance_is_a_crash(fake_triton):
+    """Seen in the fault run: an old multimodal_bls stub Triton never finished unloading lived on beside the new
+    one. When the new (serving) one was killed, the old one's same instance name read as "replaced" and the model
+    stayed broken. Only a *newer* stub of the instance means a reload."""
+    triton = fake_triton({"multimodal_bls": "READY"})
+    old, new = _stub(30, "multimodal_bls", created=1.0), _stub(31, "multimodal_bls", created=2.0)
+    sup, logs, _ = _supervisor(Scripted([old, new], [old]), triton)
+    sup.poll_once()
+    sup.poll_once()
+    assert triton.calls == [("unload", "multimodal_bls"), ("load", "multimodal_bls")]
+    assert "pid 31" in sup.stats()["multimodal_bls"]["last_cause"], logs
+
+
+def test_a_superseded_stub_is_killed_after_the_grace_with_its_children(fake_triton):
+    triton = fake_triton({"multimodal_bls": "READY"})
+    old = _stub(30, "multimodal_bls", created=1.0, descendants=[(33, 1.5)])
+    new = _stub(31, "multimodal_bls", created=2.0)
+    now = [1000.0]
+    sup, logs, killed = _supervisor(Scripted([old, new]), triton, clock=lambda: now[0], superseded_grace_s=300)
+    sup.poll_once()
+    now[0] += 299
+    sup.poll_once()
+    assert killed == []  # within the grace: it may still be finishing requests of the old version
+    now[0] += 2
+    sup.poll_once()
+    assert killed == [(30, 1.0), (33, 1.5)] and triton.calls == []  # the serving stub is left alone
+    assert any("pid 30" in line and "still running: killed" in line for line in logs), logs
 
 
 def test_failed_reloads_back_off_and_are_counted(fake_triton):

@@ -203,8 +203,9 @@ class ModelRecovery:
 
 @dataclass
 class StubSupervisor:
-    """Polls ``list_stubs`` every ``poll_s``; a stub that is gone while its model is still READY (and no other live
-    stub serves that instance) gets its model reloaded. Everything it touches is injectable for tests."""
+    """Polls ``list_stubs`` every ``poll_s``; a stub that is gone while its model is still READY (and no newer live
+    stub serves that instance) gets its model reloaded; a stub superseded by a newer one for longer than
+    ``superseded_grace_s`` is killed. Everything it touches is injectable for tests."""
 
     list_stubs: Callable[[], Iterable[StubProcess]]
     repository: TritonRepository
@@ -222,9 +223,14 @@ class StubSupervisor:
     # an encoder_image request still executing when its model was unloaded never got an answer and kept the
     # old version alive until shutdown.
     settle_s: float = 3.5
+    # A stub whose instance has a newer stub belongs to a version Triton is unloading. Seen in the fault run: an
+    # old multimodal_bls stub idle for 20 min after Triton had replaced it (its unload never completed), with
+    # its model's name. After this long it is killed (with its children): nothing may outlive its model.
+    superseded_grace_s: float = 300.0
 
     def __post_init__(self) -> None:
         self._known: dict[int, StubProcess] = {}
+        self._superseded_since: dict[tuple[int, float], float] = {}
         self._recovery: dict[str, ModelRecovery] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -269,11 +275,15 @@ class StubSupervisor:
         with self._lock:
             gone = [s for pid, s in self._known.items() if pid not in alive]
             self._known = alive
+        newest: dict[str, float] = {}
+        for stub in alive.values():
+            newest[stub.instance] = max(newest.get(stub.instance, stub.create_time), stub.create_time)
+        self._reap_superseded(alive.values(), newest)
         if not gone:
             return
-        live_instances = {s.instance for s in alive.values()}
-        # A stub replaced by a new one for the same instance is a reload someone else did, not a crash.
-        dead = [s for s in gone if s.instance not in live_instances]
+        # A stub replaced by a newer one for the same instance is a reload someone else did, not a crash. An
+        # older one still alive (a version Triton never finished unloading) does not serve: its death is one.
+        dead = [s for s in gone if newest.get(s.instance, float("-inf")) <= s.create_time]
         if not dead:
             return
         try:
@@ -297,6 +307,20 @@ class StubSupervisor:
                 if orphans:
                     causes[-1] += f"; killed its orphaned processes {orphans}"
             self._heal(model, "; ".join(causes), states)
+
+    def _reap_superseded(self, alive: Iterable[StubProcess], newest: dict[str, float]) -> None:
+        superseded = {(s.pid, s.create_time): s for s in alive if s.create_time < newest[s.instance]}
+        if not superseded and not self._superseded_since:
+            return
+        now = self.clock()
+        self._superseded_since = {key: self._superseded_since.get(key, now) for key in superseded}
+        for key, stub in superseded.items():
+            if now - self._superseded_since[key] < self.superseded_grace_s:
+                continue
+            killed = [pid for pid, t in ((stub.pid, stub.create_time), *stub.descendants) if self.kill(pid, t)]
+            self._superseded_since.pop(key, None)
+            self.log(f"[supervisor] stub {stub.instance} (pid {stub.pid}) of a {stub.model} version Triton replaced "
+                     f"{self.superseded_grace_s:.0f}+ s ago is still running: killed {killed}")
 
     def _heal(self, model: str, cause: str, states: dict[str, str]) -> None:
         t0 = self.clock()
