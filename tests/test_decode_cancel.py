@@ -8,6 +8,7 @@ import asyncio
 from mmtriton import disagg
 from mmtriton.disagg import DecodeService
 from mmtriton.families import TEXT_ONLY
+from mmtriton.settings import Settings
 from mmtriton.wire import DecodeCancel, DecodeRequest, PrefillResult, sign
 
 KEY = b"k" * 32
@@ -19,7 +20,7 @@ class StreamingEngine:
     def __init__(self):
         self.emitted = 0
 
-    async def generate(self, request_id, prompt, params, stream, emit, cancelled):
+    async def generate(self, request_id, prompt, params, stream, emit, cancelled, first_output_timeout_s=None):
         for _ in range(1000):
             if cancelled():
                 return None
@@ -31,6 +32,7 @@ class StreamingEngine:
 def service() -> DecodeService:
     svc = DecodeService.__new__(DecodeService)  # no engine start: the stand-in below
     svc.family, svc.key, svc.engine, svc._cancels = TEXT_ONLY, KEY, StreamingEngine(), {}
+    svc.settings = Settings()
     return svc
 
 

@@ -20,6 +20,7 @@ from mmtriton.chat import ChatFormatter
 from mmtriton.encoder_service import SERVED_KINDS
 from mmtriton.engine import (
     EngineDead,
+    FirstOutputTimeout,
     GenerationChunk,
     VllmEngine,
     engine_args_for,
@@ -118,6 +119,7 @@ class DecodeService:
         self.family = family_for(settings.model_path())
         self.key = pipeline_secret()
         self.engine = kv_engine(settings, "kv_consumer")
+        self.engine.stalls_to_restart = settings.decode_stalls_to_restart
         # request_id → when its DecodeCancel came (a cancel may come before its decode starts, or after it ended:
         # kept a while, then forgotten).
         self._cancels: dict[str, float] = {}
@@ -157,7 +159,12 @@ class DecodeService:
             prompt["multi_modal_data"] = self.family.embeddings_mm_data(zeros, layouts)
         params = to_vllm_sampling(request.sampling,
                                   extra_args={"kv_transfer_params": request.prefill.kv_transfer_params})
-        return await self.engine.generate(uuid.uuid4().hex, prompt, params, request.stream, emit, cancelled)
+        try:
+            return await self.engine.generate(uuid.uuid4().hex, prompt, params, request.stream, emit, cancelled,
+                                              first_output_timeout_s=self.settings.decode_first_token_timeout_s)
+        except FirstOutputTimeout as exc:
+            # Not silent and not forever: the client gets this error; repeated, the engine is replaced.
+            raise RuntimeError(f"llm_decode: the KV cache from llm_prefill did not arrive: {exc}") from exc
 
 
 def core_split() -> tuple[str, str]:

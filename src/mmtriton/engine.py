@@ -159,6 +159,19 @@ def to_vllm_sampling(options: SamplingOptions, **extra: Any):
 CANCEL_POLL_S = 0.1
 
 
+class FirstOutputTimeout(RuntimeError):
+    """No output for a request within its first-output deadline (llm_decode: the KV cache never arrived)."""
+
+
+async def _stall_after(timeout_s: float, started: Callable[[], bool], task: asyncio.Task) -> bool:
+    """Cancels ``task`` if it has no output after ``timeout_s``; True then."""
+    await asyncio.sleep(timeout_s)
+    if started():
+        return False
+    task.cancel()
+    return True
+
+
 async def _cancel_when(cancelled: Callable[[], bool], task: asyncio.Task) -> bool:
     """Cancels ``task`` once ``cancelled()`` says the client has gone; True then."""
     while not cancelled():
@@ -198,6 +211,11 @@ class VllmEngine:
         self.restarting = False
         self.cancelled = 0  # requests whose client went away (aborted in vLLM)
         self.watch_interval_s = 1.0
+        # Requests that got no first output in time, in a row (reset by any first output); at stalls_to_restart
+        # the engine counts as dead (wedged: e.g. a KV connector that never gets its KV).
+        self.stalls = 0
+        self.stalls_to_restart = 0  # 0: never
+        self.wedged = False
 
     # ---- life cycle -------------------------------------------------------------------------------------
     def start(self, timeout_s: float) -> None:
@@ -238,14 +256,19 @@ class VllmEngine:
         self.llm.shutdown()
 
     async def _watch(self) -> None:
-        """Replace a dead engine (its process crashed or was killed): requests fail with EngineDead meanwhile."""
+        """Replace a dead engine (its process crashed or was killed) or a wedged one (``stalls_to_restart``
+        requests in a row without a first output): requests fail with EngineDead meanwhile."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         while True:
             await asyncio.sleep(self.watch_interval_s)
-            if not self.llm.errored or self._stop.is_set():  # alive, or going away anyway
+            if not (self.llm.errored or self.wedged) or self._stop.is_set():  # alive, or going away anyway
                 continue
+            if self.wedged:
+                log.error("vLLM engine for %s is wedged: %d requests in a row got no first output in time",
+                          self.engine_args.get("model"), self.stalls)
+            self.wedged, self.stalls = False, 0
             if self.on_death == "exit":
                 await self._exit_for_reload()
             self.restarting = True
@@ -288,7 +311,7 @@ class VllmEngine:
 
     @property
     def alive(self) -> bool:
-        return (self.llm is not None and not self.llm.errored and not self.restarting
+        return (self.llm is not None and not self.llm.errored and not self.restarting and not self.wedged
                 and self._thread is not None and self._thread.is_alive())
 
     # ---- requests ---------------------------------------------------------------------------------------
@@ -306,10 +329,12 @@ class VllmEngine:
         stream: bool,
         emit: Callable[[GenerationChunk], None],
         cancelled: Callable[[], bool],
+        first_output_timeout_s: float | None = None,
     ) -> GenerationChunk | None:
         """Generate on the engine loop; ``emit`` gets one chunk per step (stream) or one at the end.
 
-        Returns the final chunk, or None when the client cancelled (the vLLM request is aborted then).
+        Returns the final chunk, or None when the client cancelled (the vLLM request is aborted then). With
+        ``first_output_timeout_s``, a request without output by then is aborted and raises FirstOutputTimeout.
         """
         if not self.alive:
             raise EngineDead("the vLLM engine is not running (restarting after a crash)")
@@ -324,11 +349,15 @@ class VllmEngine:
         # Asked between outputs too: a client that leaves during a long prefill (or while the engine is slow)
         # is noticed without waiting for the next token.
         watcher = asyncio.ensure_future(_cancel_when(cancelled, asyncio.current_task()))
+        staller = (asyncio.ensure_future(_stall_after(first_output_timeout_s, lambda: first is not None,
+                                                      asyncio.current_task()))
+                   if first_output_timeout_s else None)
         try:
             async for out in self.llm.generate(prompt, sampling_params, request_id):
                 if first is None:
                     first = time.perf_counter()
                     self.times.add("first_token", first - start)
+                    self.stalls = 0
                 if cancelled():
                     await self.llm.abort(request_id)
                     self.cancelled += 1
@@ -373,9 +402,18 @@ class VllmEngine:
                 asyncio.current_task().uncancel()  # our own cancel, for the client: handled here
                 self.cancelled += 1
                 return None
+            if staller is not None and staller.done() and not staller.cancelled() and staller.result():
+                asyncio.current_task().uncancel()
+                self.stalls += 1
+                if self.stalls_to_restart and self.stalls >= self.stalls_to_restart:
+                    self.wedged = True  # the watchdog replaces it (or ends the stub, under a supervisor)
+                raise FirstOutputTimeout(f"no output within {first_output_timeout_s:g} s (aborted; "
+                                         f"{self.stalls} such request(s) in a row)") from None
             raise
         finally:
             watcher.cancel()
+            if staller is not None:
+                staller.cancel()
         raise EngineDead("the vLLM engine ended the request without a final output")
 
     def _raise_failed(self, reason: str, num_tokens: int) -> None:

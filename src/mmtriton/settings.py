@@ -92,6 +92,11 @@ class Settings:
     embedding_cache_mib: int = 256
     # Each stage call (embedding fetch, BLS call to a stage) gives up after this.
     stage_timeout_s: float = 120.0
+    # llm_decode: a request with no first token by then fails (its KV cache never came from llm_prefill), and
+    # after decode_stalls_to_restart such failures in a row, with no success between, the decode engine is
+    # treated as dead and replaced (its KV connector state is then new).
+    decode_first_token_timeout_s: float = 30.0
+    decode_stalls_to_restart: int = 3
     # vLLM NixlConnector side channels (host, and one port per engine).
     kv_side_channel_host: str = "127.0.0.1"
     prefill_kv_port: int = 5601
