@@ -44,6 +44,7 @@ DEFAULT_FAULTS = ([f"stub:{m}" for m in STUB_MODELS] + [f"engine:{m}" for m in E
                   + [f"worker:{m}" for m in ENGINE_MODELS])
 REQUEST_DEADLINE_S = 60.0  # a request that takes longer counts as hung
 RECOVERY_LIMIT_S = 300.0
+SHUTDOWN_LIMIT_S = 15.0  # stop → every process of the server's tree gone
 
 
 @dataclass
@@ -228,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         stopped_s = time.monotonic() - t0
     left = seen.left_running()
-    print(f"\nserver stopped in {stopped_s:.1f} s; processes seen in its tree during the run: {len(seen.procs)}; "
+    while left and time.monotonic() - t0 < SHUTDOWN_LIMIT_S:  # the stop returns before every child has exited
+        time.sleep(0.2)
+        left = seen.left_running()
+    print(f"\nserver stopped in {stopped_s:.1f} s, every process of its tree gone after {time.monotonic() - t0:.1f} s "
+          f"(limit {SHUTDOWN_LIMIT_S:.0f} s); processes seen in its tree during the run: {len(seen.procs)}; "
           f"left running: {left or 'none'}")
     header = ("fault", "recovered_s", "ok", "error", "empty", "hung", "wrong", "not_ready_seen",
               "server_not_ready_seen", "pools_zero")
