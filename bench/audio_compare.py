@@ -325,15 +325,21 @@ def bench_decode_rss(max_seconds: float) -> dict[str, float | str]:
 
 
 def print_paths(base: dict[int, dict], triton: dict[str, dict[int, dict]], levels: list[int]) -> None:
-    print(f"\n1 clip of {CLIP_SECONDS:g} s (16 kHz WAV data: URI), {MAX_TOKENS} tokens streamed, greedy, tiny "
-          f"Qwen2-Audio; x = path / vLLM server (same run)")
+    print_path_table(f"1 clip of {CLIP_SECONDS:g} s (16 kHz WAV data: URI), {MAX_TOKENS} tokens streamed, greedy, "
+                     f"tiny Qwen2-Audio", base, triton, levels)
+
+
+def print_path_table(heading: str, base: dict[int, dict], triton: dict[str, dict[int, dict]],
+                     levels: list[int]) -> None:
+    """Each path per concurrency, with its ratio to vLLM's server measured in the same run (``base``)."""
+    print(f"\n{heading}; x = path / vLLM server (same run)")
     print(f"{'path':<15}{'conc':>5}{'TTFT p50':>10}{'p90':>8}{'e2e p50':>9}{'p90':>8}{'req/s':>7}"
           f"{'TTFT x':>8}{'e2e x':>7}{'req/s x':>8}{'ok':>5}{'err':>5}")
     for c in levels:
         b = base[c]
         for path, r in [(VLLM_PATH, b), *((p, per_level[c]) for p, per_level in triton.items())]:
             print(f"{path:<15}{c:>5}{r['ttft_p50_ms']:>10.1f}{r['ttft_p90_ms']:>8.1f}{r['e2e_p50_ms']:>9.1f}"
-                  f"{r['e2e_p90_ms']:>8.1f}{r['rps']:>7.1f}{r['ttft_p50_ms'] / b['ttft_p50_ms']:>8.2f}"
+                  f"{r['e2e_p90_ms']:>8.1f}{r['rps']:>7.2f}{r['ttft_p50_ms'] / b['ttft_p50_ms']:>8.2f}"
                   f"{r['e2e_p50_ms'] / b['e2e_p50_ms']:>7.2f}{r['rps'] / b['rps']:>8.2f}{r['ok']:>5}{r['errors']:>5}")
 
 

@@ -38,7 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from audio_compare import VLLM_PATH, TritonSenders, bench_vllm_server, measure, triton_server  # noqa: E402
+from audio_compare import (  # noqa: E402
+    VLLM_PATH,
+    TritonSenders,
+    bench_vllm_server,
+    measure,
+    print_path_table,
+    triton_server,
+)
 from perf_analyzer_inputs import data_uri, sampling_parameters  # noqa: E402
 from pipeline_compare import TRITON_PATHS  # noqa: E402
 from stage_breakdown import GAUGE_SETTLE_S, scrape, stage_rows  # noqa: E402
@@ -171,16 +178,8 @@ def bench_decode() -> str:
 
 
 def print_paths(base: dict[int, dict], triton: dict[str, dict[int, dict]], levels: list[int]) -> None:
-    print(f"\n1 video {SECONDS:g} s {WIDTH}x{HEIGHT} H.264 MP4 (data: URI, 8 frames sampled), {MAX_TOKENS} tokens "
-          f"streamed, greedy, tiny Qwen2-VL; x = path / vLLM server (same run)")
-    print(f"{'path':<15}{'conc':>5}{'TTFT p50':>10}{'p90':>8}{'e2e p50':>9}{'p90':>8}{'req/s':>7}"
-          f"{'TTFT x':>8}{'e2e x':>7}{'req/s x':>8}{'ok':>5}{'err':>5}")
-    for c in levels:
-        b = base[c]
-        for path, r in [(VLLM_PATH, b), *((p, per_level[c]) for p, per_level in triton.items())]:
-            print(f"{path:<15}{c:>5}{r['ttft_p50_ms']:>10.1f}{r['ttft_p90_ms']:>8.1f}{r['e2e_p50_ms']:>9.1f}"
-                  f"{r['e2e_p90_ms']:>8.1f}{r['rps']:>7.2f}{r['ttft_p50_ms'] / b['ttft_p50_ms']:>8.2f}"
-                  f"{r['e2e_p50_ms'] / b['e2e_p50_ms']:>7.2f}{r['rps'] / b['rps']:>8.2f}{r['ok']:>5}{r['errors']:>5}")
+    print_path_table(f"1 video {SECONDS:g} s {WIDTH}x{HEIGHT} H.264 MP4 (data: URI, 8 frames sampled), {MAX_TOKENS} "
+                     f"tokens streamed, greedy, tiny Qwen2-VL", base, triton, levels)
 
 
 def print_stages(stages: dict[str, dict], n: int) -> None:
