@@ -6,16 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fakes.engines import DeadLLM, NewLLM, restart_dead_engine
 
 from mmtriton import engine as engine_module
 from mmtriton.engine import ENGINE_DEATH_EXIT_CODE, VllmEngine
-
-
-class DeadLLM:
-    errored = True
-
-    def shutdown(self) -> None:
-        pass
 
 
 class ExitCalled(BaseException):  # what os._exit is replaced by: stops the watchdog where the process would end
@@ -51,30 +45,9 @@ def test_exit_policy_ends_the_process_after_the_grace_and_is_not_alive_meanwhile
 
 def test_restart_policy_never_ends_the_process(monkeypatch):
     monkeypatch.setattr(engine_module.os, "_exit", lambda code: pytest.fail(f"os._exit({code}) under 'restart'"))
-    started: list[dict] = []
-
-    class NewLLM:
-        errored = False
-
-    class FakeAsyncLLM:
-        @staticmethod
-        def from_engine_args(args, stat_loggers=None):
-            started.append(args)
-            return NewLLM()
-
-    import vllm.v1.engine.async_llm as async_llm
-
-    monkeypatch.setattr(async_llm, "AsyncLLM", FakeAsyncLLM)
     engine = VllmEngine({"model": "m"}, on_death="restart")
-    engine.llm, engine.watch_interval_s = DeadLLM(), 0.01
-
-    async def run() -> None:
-        engine._stop = asyncio.Event()
-        watchdog = asyncio.ensure_future(engine._watch())
-        await asyncio.sleep(0.1)
-        watchdog.cancel()
-
-    asyncio.run(run())
+    built = restart_dead_engine(monkeypatch, engine)
+    assert len(built) == 1
     assert engine.restarts == 1 and isinstance(engine.llm, NewLLM) and not engine.restarting
 
 

@@ -198,42 +198,14 @@ def test_the_engine_passes_the_logger_to_every_asyncllm() -> None:
 def test_a_restarted_engine_gets_a_logger_on_the_same_store(monkeypatch) -> None:
     """VllmEngine._watch replaces a dead AsyncLLM: the new one must get stat_loggers recording where the
     exporter reads (vllm_metrics.stats_of(engine)). vLLM itself is faked here: only the watchdog runs."""
-    import asyncio
-
-    import vllm.v1.engine.async_llm as async_llm
+    from fakes.engines import restart_dead_engine
 
     from mmtriton.engine import VllmEngine
 
-    given: list[list] = []
-
-    class DeadLLM:
-        errored = True
-
-        def shutdown(self) -> None:
-            pass
-
-    class NewLLM:
-        errored = False
-
-    class FakeAsyncLLM:
-        @staticmethod
-        def from_engine_args(args, stat_loggers=None):
-            given.append(stat_loggers)
-            return NewLLM()
-
-    monkeypatch.setattr(async_llm, "AsyncLLM", FakeAsyncLLM)
     engine = VllmEngine({"model": "m"}, on_death="restart")
     store = vllm_metrics.stats_of(engine)  # the exporter's view, taken before the restart
     new_logger(store).record(*engine_step(prompt_tokens=4))
-    engine.llm, engine.watch_interval_s = DeadLLM(), 0.01
-
-    async def run() -> None:
-        engine._stop = asyncio.Event()
-        watchdog = asyncio.ensure_future(engine._watch())
-        await asyncio.sleep(0.1)
-        watchdog.cancel()
-
-    asyncio.run(run())
+    given = [loggers for _args, loggers in restart_dead_engine(monkeypatch, engine)]
     assert engine.restarts == 1 and len(given) == 1 and len(given[0]) == 1
     given[0][0](VLLM_CONFIG, 0).record(*engine_step(prompt_tokens=6))  # as vLLM's StatLoggerManager would
     assert store.snapshot().counters[("vllm:prompt_tokens_total", ())] == 10
