@@ -33,7 +33,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the client package
 
 from client import InferenceFailed, build_inputs, stream_grpc  # noqa: E402
-from mmtriton.supervisor import list_stubs  # noqa: E402
+from mmtriton.supervisor import command_line, list_stubs  # noqa: E402
 from mmtriton.testing import bench_server_config, metric, pattern_image, png_bytes  # noqa: E402
 
 PATHS = ("multimodal_agg", "multimodal", "multimodal_bls")
@@ -119,7 +119,7 @@ def target_pid(server_pid: int, fault: str) -> int:
     if what == "stub":
         return stub.pid
     children = psutil.Process(stub.pid).children(recursive=True)
-    names = {c.pid: c.name() + " " + " ".join(c.cmdline()) for c in children}
+    names = {c.pid: command_line(c) for c in children}
     marker = "EngineCore" if what == "engine" else "Worker"
     for pid, name in names.items():
         if marker in name:

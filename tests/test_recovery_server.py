@@ -14,18 +14,19 @@ import pytest
 
 from client import InferenceFailed, RequestInputs, build_inputs, stream_grpc
 from conftest import metric, pattern_image, png_bytes
+from mmtriton.supervisor import command_line, list_stubs
 
 pytestmark = pytest.mark.integration
 
 
 def engine_core_of(server, model: str) -> psutil.Process:
-    root = psutil.Process(server.process.pid)
-    for proc in root.children(recursive=True):
-        if f"{model}/1/model.py" in " ".join(proc.cmdline()):
-            cores = [c for c in proc.children(recursive=True) if "EngineCore" in c.name() + " ".join(c.cmdline())]
-            assert cores, f"no EngineCore under {model}'s stub"
-            return cores[0]
-    raise AssertionError(f"no stub process for {model}")
+    stubs = [s for s in list_stubs(server.process.pid) if s.model == model]
+    assert stubs, f"no stub process for {model}"
+    # The newest: an older stub of the model may be a version Triton has not finished unloading.
+    stub = max(stubs, key=lambda s: s.create_time)
+    cores = [c for c in psutil.Process(stub.pid).children(recursive=True) if "EngineCore" in command_line(c)]
+    assert cores, f"no EngineCore under {model}'s stub (pid {stub.pid})"
+    return cores[0]
 
 
 def answer(server, model: str, inputs: RequestInputs) -> list[int]:

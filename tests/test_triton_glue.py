@@ -233,6 +233,30 @@ def test_a_failing_send_marks_the_channel_cancelled(responses):
     assert any("sending a response failed" in m and "stream is closed" in m for m in pb_utils.Logger.logged("ERROR"))
 
 
+def test_drain_waits_until_every_queued_response_was_sent_and_says_when_it_gave_up(responses, monkeypatch):
+    # A stub ending after an engine death drains first: a response still queued at the exit would be lost.
+    request = text_request()
+    sender = request.get_response_sender()
+    real_send = sender.send
+
+    def slow_send(*args, **kwargs):
+        time.sleep(0.02)  # a backlog of streamed tokens on a busy server
+        real_send(*args, **kwargs)
+
+    monkeypatch.setattr(sender, "send", slow_send)
+    channel = triton_io.ResponseChannel(request, responses)
+    for i in range(20):
+        channel.send(triton_io.chunk_response(chunk(i, last=False)))
+    channel.fail(EngineDead("the vLLM engine died"))
+
+    assert responses.drain(timeout_s=0.05) is False  # 21 sends of 20 ms each cannot be done yet
+    assert responses.drain(timeout_s=5.0) is True
+    assert len(sender.sent) == 21  # nothing left in the queue: the error is out, as the last response
+    last, flags = sender.sent[-1]
+    assert flags == FINAL and last.has_error() and "engine died" in last.error().message()
+    assert responses.drain(timeout_s=0.0) is True  # nothing queued: at once
+
+
 def test_the_stub_never_has_to_drop_outputs_the_client_did_not_request(responses, loop_thread):
     # Triton 2.51's stub would drop them itself without the GIL (heap corruption); the glue drops them first.
     async def handle(inputs, channel):

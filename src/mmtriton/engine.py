@@ -185,6 +185,8 @@ ENGINE_DEATH_POLICIES = ("restart", "exit")
 # Under "exit": how long the dying stub waits after the engine's death was seen, so the error responses of the
 # requests that were in flight (raised at once by vLLM's output handler) leave the stub before it goes.
 EXIT_GRACE_S = 1.0
+# ... then how long it waits at most for those responses to be handed to Triton (VllmEngine.before_exit).
+EXIT_DRAIN_S = 15.0
 ENGINE_DEATH_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - the supervisor's log shows it
 
 
@@ -216,6 +218,9 @@ class VllmEngine:
         self.stalls = 0
         self.stalls_to_restart = 0  # 0: never
         self.wedged = False
+        # Under "exit": called with a timeout before the process ends; each returns whether it finished
+        # (triton_io.ResponseThread.drain: the error responses of the requests in flight must leave first).
+        self.before_exit: list[Callable[[float], bool]] = []
 
     # ---- life cycle -------------------------------------------------------------------------------------
     def start(self, timeout_s: float) -> None:
@@ -269,6 +274,7 @@ class VllmEngine:
                 log.error("vLLM engine for %s is wedged: %d requests in a row got no first output in time",
                           self.engine_args.get("model"), self.stalls)
             self.wedged, self.stalls = False, 0
+            self._fail_in_flight()
             if self.on_death == "exit":
                 await self._exit_for_reload()
             self.restarting = True
@@ -291,6 +297,21 @@ class VllmEngine:
             finally:
                 self.restarting = False
 
+    def _fail_in_flight(self) -> None:
+        """End every request in flight with EngineDeadError now. vLLM marks its client dead (``errored``) at once
+        but hands the error to the requests only after its engine manager's shutdown, which waits up to
+        VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS (5 s) for the engine's leftover processes: a stub that ended sooner
+        left its clients with Triton's "Stub process is not healthy" instead of our UNAVAILABLE (seen in CI)."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        processor = getattr(self.llm, "output_processor", None)
+        if processor is None:
+            return
+        try:
+            processor.propagate_error(EngineDeadError())  # what vLLM's output handler does when it sees the death
+        except Exception:  # the requests still get vLLM's own error later
+            log.exception("failing the requests in flight failed")
+
     async def _exit_for_reload(self) -> None:
         """Engine death under a supervisor: end this stub process, so the supervisor reloads the model. While it
         reloads, Triton reports the model (and every ensemble and BLS model in front of it: not loaded) not ready
@@ -299,6 +320,13 @@ class VllmEngine:
         log.error("vLLM engine for %s died; ending this stub (pid %d, exit %d) for the supervisor to reload the "
                   "model (engine_on_death=exit)", self.engine_args.get("model"), os.getpid(), ENGINE_DEATH_EXIT_CODE)
         await asyncio.sleep(EXIT_GRACE_S)
+        for drain in self.before_exit:
+            t0 = time.monotonic()
+            # Off the loop: the generate() coroutines still failing their requests run on it meanwhile.
+            if not await asyncio.to_thread(drain, EXIT_DRAIN_S):
+                log.error("responses still unsent after %.0f s; ending the stub anyway", EXIT_DRAIN_S)
+            elif time.monotonic() - t0 > 0.1:
+                log.warning("waited %.1f s for the responses in flight to leave", time.monotonic() - t0)
         for handler in logging.getLogger().handlers + log.handlers:
             handler.flush()
         os._exit(ENGINE_DEATH_EXIT_CODE)  # no atexit / finalize: the engine is gone and Triton's side is dead

@@ -71,6 +71,14 @@ def list_stubs(server_pid: int) -> list[StubProcess]:
     return stubs
 
 
+def command_line(proc: psutil.Process) -> str:
+    """``proc``'s name and command line; empty for one gone or a zombie (killed earlier, not reaped yet)."""
+    try:
+        return proc.name() + " " + " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
 def wait_status(pid: int) -> int | None:
     """The waitpid-style status of a zombie (field 52 of /proc/<pid>/stat), None once it has been reaped."""
     try:

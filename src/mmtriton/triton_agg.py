@@ -29,6 +29,7 @@ class AggModel:
         )
         self.engine.start(self.settings.engine_start_timeout_s)
         self.responses = triton_io.ResponseThread(self.logger)
+        self.engine.before_exit.append(self.responses.drain)
         self.metrics = triton_io.GaugeExporter("multimodal_agg", triton_io.engine_sources(self.engine))
         self.logger.log_info("multimodal_agg: ready")
 

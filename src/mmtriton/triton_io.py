@@ -150,11 +150,22 @@ class ResponseThread:
     def __init__(self, logger):
         self.logger = logger
         self._queue: queue.Queue = queue.Queue()
+        self._unsent = 0  # put and not yet sent (or failed): what drain() waits for
+        self._all_sent = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="triton-responses", daemon=True)
         self._thread.start()
 
     def put(self, channel: ResponseChannel, response, flags: int) -> None:
+        with self._all_sent:
+            self._unsent += 1
         self._queue.put_nowait((channel, response, flags))
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every response put so far has been handed to Triton (True), or ``timeout_s`` (False). A
+        stub that is about to end calls this first: a response still queued when the process ends is lost, and
+        its client gets Triton's "Stub process is not healthy" instead of the error that names the cause."""
+        with self._all_sent:
+            return self._all_sent.wait_for(lambda: self._unsent == 0, timeout=timeout_s)
 
     def _run(self) -> None:
         while True:
@@ -173,6 +184,10 @@ class ResponseThread:
             except Exception:
                 self.logger.log_error(f"sending a response failed: {traceback.format_exc()}")
                 channel.cancelled = True
+            finally:
+                with self._all_sent:
+                    self._unsent -= 1
+                    self._all_sent.notify_all()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._queue.put(None)

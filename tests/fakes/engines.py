@@ -6,10 +6,23 @@ import asyncio
 from typing import Any
 
 
+class ErrorsToRequests:
+    """AsyncLLM.output_processor, as far as the watchdog uses it: the errors handed to the requests in flight."""
+
+    def __init__(self) -> None:
+        self.propagated: list[BaseException] = []
+
+    def propagate_error(self, e: BaseException) -> None:
+        self.propagated.append(e)
+
+
 class DeadLLM:
     """An AsyncLLM whose engine has died (all the watchdog looks at)."""
 
     errored = True
+
+    def __init__(self) -> None:
+        self.output_processor = ErrorsToRequests()
 
     def shutdown(self) -> None:
         pass

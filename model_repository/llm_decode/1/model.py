@@ -15,6 +15,7 @@ class TritonPythonModel:
         self.service = DecodeService(self.settings)
         self.service.engine.start(self.settings.engine_start_timeout_s)
         self.responses = triton_io.ResponseThread(pb_utils.Logger)
+        self.service.engine.before_exit.append(self.responses.drain)
         self.metrics = triton_io.GaugeExporter("llm_decode", triton_io.engine_sources(self.service.engine))
         pb_utils.Logger.log_info("llm_decode: ready")
 
