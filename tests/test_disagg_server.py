@@ -116,6 +116,57 @@ def test_long_prompt_decode_uses_the_transferred_kv(triton_server, offline_vl, t
     assert len(zeros.prompt_token_ids) > 3 * 128, "several whole 128-token KV blocks"
 
 
+def stage_count(server, model: str, stage: str) -> float:
+    time.sleep(GAUGE_SETTLE_S)
+    try:
+        return metric(server, "mmtriton_stage_count", stage, model)
+    except (AssertionError, KeyError, ValueError):  # not exported before its first count
+        return 0.0
+
+
+def prompt_tokens(server, text: str, urls: list[str]) -> int:
+    inputs = build_inputs(text, sampling={"max_tokens": 1, "temperature": 0})
+    inputs.image_url = urls or None
+    return int(tokens(server, "multimodal_agg", inputs)[1][0]["num_input_tokens"])
+
+
+def block_boundary_prompt(server, urls: list[str]) -> str:
+    """A prompt (with ``urls``) whose token count fills its last 128-token KV block exactly."""
+    text = "Describe it. " + " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
+    for _ in range(4):  # pad with " a" (one token here; measure again in case words merge)
+        n = prompt_tokens(server, text, urls)
+        if n % 128 == 0:
+            return text
+        text += " a" * ((-n) % 128)
+    pytest.fail(f"could not pad the prompt to a KV block boundary (at {n} tokens)")
+
+
+@pytest.mark.parametrize("case", ["block boundary, image", "first token one byte of a character", "whole word"])
+def test_the_first_token_comes_from_prefill_and_the_answer_is_agg_s(triton_server, case):
+    """llm_decode sends prefill's token at once and decodes on from it; tokens, text and counts equal agg's,
+    streamed or not. At a prompt length that fills its last KV block, the first token starts a block prefill has
+    no KV for (the connector loads the prompt's KV only); "Hello there" starts with a token that is one byte of a
+    character (text only with the next tokens) on the tiny model, "Hi" with a whole one."""
+    urls = [data_uri(pattern_image(100, 80, seed=1))] if "image" in case else []
+    text = {"block boundary, image": None, "first token one byte of a character": "Hello there",
+            "whole word": "Hi"}[case] or block_boundary_prompt(triton_server, urls)
+    inputs = build_inputs(text, sampling=GREEDY)
+    inputs.image_url = urls or None
+    want, agg = tokens(triton_server, "multimodal_agg", inputs)
+    for model in ("multimodal", "multimodal_bls"):
+        ahead = stage_count(triton_server, "llm_decode", "first_token_ahead")
+        got, responses = tokens(triton_server, model, inputs)
+        assert got == want, model
+        assert [r["text_output"] for r in responses] == [r["text_output"] for r in agg], model
+        assert [r["num_output_tokens"] for r in responses] == [r["num_output_tokens"] for r in agg], model
+        assert {r["num_input_tokens"] for r in responses} == {agg[0]["num_input_tokens"]}, model
+        assert stage_count(triton_server, "llm_decode", "first_token_ahead") == ahead + 1, model
+        once = generate_http(triton_server.config.http_url, model, RequestInputs(
+            text_input=text, image_url=urls or None, sampling_parameters=GREEDY))
+        assert once["token_ids"] == want and once["num_output_tokens"] == len(want), model
+        assert once["text_output"] == "".join(r["text_output"] for r in agg), model
+
+
 def test_bls_streams_one_response_per_token(triton_server):
     _, responses = tokens(triton_server, "multimodal_bls", build_inputs("Hello", sampling=GREEDY))
     assert len(responses) == 24

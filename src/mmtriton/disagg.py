@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -28,12 +28,14 @@ from mmtriton.engine import (
     to_vllm_sampling,
 )
 from mmtriton.families import Family, checkpoint_config, family_for
-from mmtriton.protocol import GenerateRequest, InvalidInput, MediaIOKwargs, MediaItem
+from mmtriton.protocol import GenerateRequest, InvalidInput, MediaIOKwargs, MediaItem, SamplingOptions
 from mmtriton.settings import Settings
 from mmtriton.transfer import EmbeddingDescriptor, EmbeddingReceiver
 from mmtriton.wire import (
+    TOKENS_AFTER_PREFILL,
     DecodeCancel,
     DecodeRequest,
+    FirstToken,
     MediaLayout,
     PrefillRequest,
     PrefillResult,
@@ -92,8 +94,9 @@ class PrefillService:
                                            emit=lambda _chunk: None, cancelled=lambda: False)
         if final is None or "kv_transfer_params" not in final.extra:
             raise EngineDead("prefill returned no kv_transfer_params")
+        first = first_token_of(final, request.sampling) if self.settings.first_token_from_prefill else None
         result = PrefillResult(kv_transfer_params=final.extra["kv_transfer_params"],
-                               num_input_tokens=final.num_input_tokens, media=layouts)
+                               num_input_tokens=final.num_input_tokens, media=layouts, first_token=first)
         return sign(result, self.key)
 
     def _layout(self, desc: EmbeddingDescriptor, tensor: torch.Tensor) -> MediaLayout:
@@ -105,6 +108,70 @@ class PrefillService:
                              dtype=str(tensor.dtype).removeprefix("torch."))
         self.family.check_layout(layout)
         return layout
+
+
+def first_token_of(final: GenerationChunk, sampling: SamplingOptions) -> FirstToken | None:
+    """The token prefill sampled, when decode may go on from it: prefill stopped only at its own max_tokens of 1
+    (not at EOS or a stop string), the client asked for more, and gave no stop strings (vLLM matches those in the
+    text an engine generates, and decode would have to stop itself on one spanning this token). Otherwise None:
+    decode computes the first token itself, as before."""
+    if final.finish_reason != "length" or len(final.token_ids) != 1 or sampling.max_tokens < 2 or sampling.stop:
+        return None
+    return FirstToken(token_id=final.token_ids[0])
+
+
+class Detokenizer(Protocol):
+    """vLLM's incremental detokenizer (vllm.v1.engine.detokenizer), as FirstTokenAhead uses it."""
+
+    def update(self, new_token_ids: list[int], stop_terminated: bool) -> str | None: ...
+
+    def get_next_output_text(self, finished: bool, delta: bool) -> str: ...
+
+
+def vllm_detokenizer(tokenizer: Any, prompt_token_ids: list[int], params: Any) -> Detokenizer:
+    """The detokenizer vLLM builds for a request (fast or slow as the tokenizer is), primed with its prompt."""
+    from types import SimpleNamespace
+
+    from vllm.v1.engine.detokenizer import IncrementalDetokenizer
+
+    request = SimpleNamespace(request_id="mmtriton-first-token-ahead", prompt_token_ids=prompt_token_ids,
+                              prompt_embeds=None, sampling_params=params)
+    return IncrementalDetokenizer.from_new_request(tokenizer, request)
+
+
+class FirstTokenAhead:
+    """Decode of a request whose first token came from prefill (``FirstToken``): that token goes to the client
+    at once; vLLM decodes from prompt + that token (the KV connector loads the prompt's KV only:
+    TOKENS_AFTER_PREFILL), with one token less to make, and without text: the text comes from a detokenizer of
+    ours primed with the prompt alone, so the first token is part of the answer's text as on one engine (primed
+    with prompt + first token, vLLM's own printed the prompt's text when that token was one byte of a
+    character). Counts are the client's; a non-streamed answer is joined into one response."""
+
+    def __init__(self, first: FirstToken, detokenizer: Detokenizer, num_input_tokens: int, stream: bool,
+                 emit: Callable[[GenerationChunk], None]):
+        self.first, self.detokenizer = first, detokenizer
+        self.num_input_tokens, self.stream, self._emit = num_input_tokens, stream, emit
+        detokenizer.update([first.token_id], False)
+        self.first_text = detokenizer.get_next_output_text(False, True)
+
+    def head(self) -> GenerationChunk:
+        return GenerationChunk(text=self.first_text, token_ids=[self.first.token_id], finish_reason="",
+                               num_input_tokens=self.num_input_tokens, num_output_tokens=1, finished=False)
+
+    def emit(self, chunk: GenerationChunk) -> None:
+        self.detokenizer.update(chunk.token_ids, chunk.finish_reason == "stop")
+        chunk.text = self.detokenizer.get_next_output_text(chunk.finished, True)
+        chunk.num_input_tokens = self.num_input_tokens  # the client's prompt, without the first token
+        chunk.num_output_tokens += 1
+        if not self.stream:  # the single response holds the whole answer
+            chunk.text = self.first_text + chunk.text
+            chunk.token_ids = [self.first.token_id, *chunk.token_ids]
+        self._emit(chunk)
+
+    @staticmethod
+    def sampling(options: SamplingOptions) -> SamplingOptions:
+        return options.model_copy(update={"max_tokens": options.max_tokens - 1,
+                                          "min_tokens": max(0, options.min_tokens - 1)})
 
 
 # ---- decode ----------------------------------------------------------------------------------------------
@@ -120,6 +187,7 @@ class DecodeService:
         self.key = pipeline_secret()
         self.engine = kv_engine(settings, "kv_consumer")
         self.engine.stalls_to_restart = settings.decode_stalls_to_restart
+        self.detokenizer = vllm_detokenizer  # (tokenizer, prompt ids, vLLM SamplingParams) → Detokenizer
         # request_id → when its DecodeCancel came (a cancel may come before its decode starts, or after it ended:
         # kept a while, then forgotten).
         self._cancels: dict[str, float] = {}
@@ -150,15 +218,33 @@ class DecodeService:
 
     async def _run(self, request: DecodeRequest, emit: Callable[[GenerationChunk], None],
                    cancelled: Callable[[], bool]) -> GenerationChunk | None:
+        first = request.prefill.first_token
+        kv_transfer_params = dict(request.prefill.kv_transfer_params)
         prompt: dict[str, Any] = {"prompt": request.prompt}
+        if first is not None:
+            # Token ids as vLLM tokenizes a text prompt (media placeholders unexpanded: vLLM expands them), then
+            # the first token, whose KV decode computes itself.
+            tokenizer = self.engine.llm.tokenizer
+            prompt_ids = tokenizer.encode(request.prompt)
+            ahead = FirstTokenAhead(first, self.detokenizer(tokenizer, prompt_ids, to_vllm_sampling(request.sampling)),
+                                    request.prefill.num_input_tokens, request.stream, emit)
+            if request.stream:
+                t0 = time.perf_counter()
+                emit(ahead.head())  # before the KV transfer: the client's time to first token is prefill's
+                self.engine.times.add("first_token_ahead", time.perf_counter() - t0)
+            prompt = {"prompt_token_ids": [*prompt_ids, first.token_id]}
+            kv_transfer_params[TOKENS_AFTER_PREFILL] = 1
+            params = to_vllm_sampling(ahead.sampling(request.sampling), detokenize=False,
+                                      extra_args={"kv_transfer_params": kv_transfer_params})
+            emit = ahead.emit
+        else:
+            params = to_vllm_sampling(request.sampling, extra_args={"kv_transfer_params": kv_transfer_params})
         if request.prefill.media:
             # The KV comes from prefill; decode needs the media's shape and grid for positions (M-RoPE), not
             # its values: zeros of the right shape give the same tokens.
             layouts = request.prefill.media
             zeros = [torch.zeros(m.num_tokens, m.hidden_size, dtype=getattr(torch, m.dtype)) for m in layouts]
             prompt["multi_modal_data"] = self.family.embeddings_mm_data(zeros, layouts)
-        params = to_vllm_sampling(request.sampling,
-                                  extra_args={"kv_transfer_params": request.prefill.kv_transfer_params})
         try:
             return await self.engine.generate(uuid.uuid4().hex, prompt, params, request.stream, emit, cancelled,
                                               first_output_timeout_s=self.settings.decode_first_token_timeout_s)

@@ -6,6 +6,10 @@ memory is one-sided), so the producer does not need a progress thread for the da
 module by ``kv_connector_module_path="mmtriton.kv_connector"`` and ``kv_connector="QuietNixlConnector"``; the
 patch below runs in the engine's worker process when vLLM imports this module there.
 Set ``MMT_NIXL_PROGRESS_THREAD=1`` to keep vLLM's default.
+
+One addition on the decode side: a request whose prompt ends with tokens prefill never computed (the first token,
+which prefill sampled and the client already has: ``TOKENS_AFTER_PREFILL`` in its kv_transfer_params) loads only
+the prompt's KV from prefill, and decode computes those last tokens itself (see KvOnlyForPrefix).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import os
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPullConnector
+
+from mmtriton.wire import TOKENS_AFTER_PREFILL
 
 CONNECTOR_NAME = "QuietNixlConnector"
 MODULE_PATH = __name__
@@ -31,4 +37,18 @@ if os.environ.get("MMT_NIXL_PROGRESS_THREAD", "0") != "1" and base_worker.nixl_a
 
 
 class QuietNixlConnector(NixlPullConnector):
-    """NixlConnector as vLLM ships it; only the agent's configuration differs (see above)."""
+    """NixlConnector as vLLM ships it, but for the agent's configuration (see above) and KV-only-for-the-prefix."""
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """KvOnlyForPrefix: vLLM's connector loads KV for the whole prompt of a remote-prefill request. When that
+        prompt is prefill's prompt plus the token prefill sampled, the last token has no KV on the prefill side
+        (and at a block boundary no block: the pull would see more local blocks than remote ones). Load one token
+        less; vLLM's scheduler then computes the last token here, as for any partial prefix hit."""
+        count, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
+        params = request.kv_transfer_params or {}
+        after = int(params.get(TOKENS_AFTER_PREFILL) or 0)
+        if not after or not params.get("do_remote_prefill") or not count:
+            return count, load_async
+        count = max(0, count - after)
+        return count, load_async and count > 0
+

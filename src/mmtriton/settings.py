@@ -97,6 +97,9 @@ class Settings:
     # treated as dead and replaced (its KV connector state is then new).
     decode_first_token_timeout_s: float = 30.0
     decode_stalls_to_restart: int = 3
+    # The first token is the one llm_prefill sampled: llm_decode sends it the moment the hand-over arrives and
+    # decodes on from it (only the prompt's KV moves), instead of computing it again after the KV transfer.
+    first_token_from_prefill: bool = True
     # vLLM NixlConnector side channels (host, and one port per engine).
     kv_side_channel_host: str = "127.0.0.1"
     prefill_kv_port: int = 5601

@@ -65,11 +65,26 @@ class PrefillRequest(BaseModel):
     stream: bool = False
 
 
+# kv_transfer_params key: how many tokens at the end of decode's prompt prefill did not compute (the first token,
+# which prefill sampled); mmtriton.kv_connector loads KV for the tokens before them only.
+TOKENS_AFTER_PREFILL = "mmtriton_tokens_after_prefill"
+
+
+class FirstToken(BaseModel):
+    """The token prefill sampled: llm_decode sends it at once and decodes on from it (disagg.first_token_of says
+    when prefill hands it over)."""
+
+    model_config = ConfigDict(extra="forbid")
+    token_id: int = Field(ge=0)
+
+
 class PrefillResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kv_transfer_params: dict[str, Any]
     num_input_tokens: int
     media: list[MediaLayout] = Field(default_factory=list)
+    # None: decode computes the first token itself (after the KV has arrived).
+    first_token: FirstToken | None = None
     signature: str = ""
 
 
