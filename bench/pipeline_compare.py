@@ -127,9 +127,10 @@ TRITON_PATHS = ("multimodal", "multimodal_bls", "multimodal_agg")
 
 
 def bench_triton(model: str, uri: str, levels: list[int], n: int, step=no_progress,
-                 openai_front: bool = False) -> dict[str, dict[int, dict[str, float]]]:
+                 openai_front: bool = False, while_up=None) -> dict[str, dict[int, dict[str, float]]]:
     """Each Triton path over gRPC; with ``openai_front`` also multimodal_agg through our OpenAI server
-    (measured by the same SSE client as vLLM's server)."""
+    (measured by the same SSE client as vLLM's server). ``while_up(grpc_url, http_url, openai_url or None)``
+    runs last, while the servers are still up (bench/report.py: the arrival gaps)."""
     config = bench_server_config(model, "bench-tritonserver.log")
     server = TritonServer(config)
     server.start()
@@ -166,8 +167,13 @@ def bench_triton(model: str, uri: str, levels: list[int], n: int, step=no_progre
                 for c in levels:
                     out[OPENAI_PATH][c] = run_load(send, c, n)
                     step(f"{OPENAI_PATH} c={c}")
+                if while_up is not None:
+                    while_up(config.grpc_url, config.http_url, front.base_url.removeprefix("http://").removesuffix("/v1"))
+                    while_up = None
             finally:
                 front.stop()
+        if while_up is not None:
+            while_up(config.grpc_url, config.http_url, None)
     finally:
         server.stop()
     return out

@@ -1,7 +1,8 @@
 """The benchmark report: every path (multimodal, multimodal_bls, multimodal_agg, multimodal_agg through our
 OpenAI server) against vLLM's own OpenAI server on the same tiny model, over a range of concurrencies, in one run.
-A progress bar while it runs; then the table, and a PNG (latency and throughput vs concurrency, one line per
-path) with the figures as JSON and CSV beside it.
+A progress bar while it runs; then the table, the arrival gaps of streamed responses per front door (gRPC sync
+and asyncio, HTTP generate_stream, OpenAI SSE: bench/stream_timing.py, with the servers still up), and a PNG
+(latency and throughput vs concurrency, one line per path) with the figures as JSON and CSV beside it.
 
     .venv/bin/python bench/report.py [--concurrency 1 2 4 8] [--requests 24] [--out bench/results/report]
 
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pipeline_compare as pc  # noqa: E402
+import stream_timing as st  # noqa: E402
 
 BASELINE = "vLLM server"
 
@@ -57,6 +59,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--requests", type=int, default=24, help="requests per path and concurrency (after warm-up)")
+    ap.add_argument("--stream-rounds", type=int, default=6,
+                    help="streams per path and client kind for the arrival-gap table (bench/stream_timing.py)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"report-{time.strftime('%Y%m%d-%H%M%S')}",
                     help="output prefix: writes PREFIX.png, PREFIX.json, PREFIX.csv")
     args = ap.parse_args()
@@ -75,13 +79,23 @@ def main() -> int:
 
         base = pc.bench_vllm_server(model, uri, levels, args.requests, step=step)
         bar.set_description("starting tritonserver")
-        triton = pc.bench_triton(model, uri, levels, args.requests, step=step, openai_front=True)
+        arrivals: dict = {}
+
+        def measure_arrivals(grpc_url: str, http_url: str, openai_url: str | None) -> None:
+            bar.set_description("arrival gaps per front door")
+            kinds = st.client_kinds(grpc_url, http_url, openai_url)
+            arrivals.update(st.measure(kinds, st.PATHS, args.stream_rounds, st.MAX_TOKENS))
+
+        triton = pc.bench_triton(model, uri, levels, args.requests, step=step, openai_front=True,
+                                 while_up=measure_arrivals)
 
     results = {BASELINE: base, **triton}
     pc.print_table(base, triton, levels)
+    st.print_table(arrivals, st.MAX_TOKENS)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"model": "tiny Qwen2-VL", "max_tokens": pc.MAX_TOKENS, "requests": args.requests,
-         "results": {p: {str(c): r for c, r in v.items()} for p, v in results.items()}}, indent=2))
+         "results": {p: {str(c): r for c, r in v.items()} for p, v in results.items()},
+         "arrivals": {f"{m} {k}": r for (m, k), r in arrivals.items()}}, indent=2))
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "concurrency", "ttft_ms", "e2e_ms", "rps", "e2e_ratio_to_vllm_server", "errors"])

@@ -122,6 +122,20 @@ def summarize(streams: list[list[float]]) -> dict[str, float]:
             "bursts": bursts, "streams": len(streams)}
 
 
+PATHS = ["multimodal_agg", "multimodal", "multimodal_bls"]
+MAX_TOKENS = 64
+
+
+def client_kinds(grpc_url: str, http_url: str, openai_url: str | None) -> dict[str, Callable[[str, int], list[float]]]:
+    """Each client kind: (model, max_tokens) → the arrival times of one streamed answer's responses."""
+    kinds = {"grpc-sync": lambda m, n: arrivals_grpc_sync(grpc_url, m, n),
+             "grpc-aio": lambda m, n: arrivals_grpc_aio(grpc_url, m, n),
+             "http-sse": lambda m, n: arrivals_http(http_url, m, n)}
+    if openai_url:
+        kinds["openai-sse"] = lambda m, n: arrivals_openai(openai_url, m, n)
+    return kinds
+
+
 def measure(kinds: dict[str, Callable[[str, int], list[float]]], models: list[str], rounds: int,
             max_tokens: int) -> dict[tuple[str, str], dict[str, float]]:
     for model in models:  # warm every connection kind and path
@@ -172,18 +186,14 @@ def own_servers() -> Iterator[tuple[str, str, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grpc"), parser.add_argument("--http"), parser.add_argument("--openai")
-    parser.add_argument("--models", nargs="+", default=["multimodal_agg", "multimodal", "multimodal_bls"])
+    parser.add_argument("--models", nargs="+", default=PATHS)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     args = parser.parse_args()
 
     servers = (contextlib.nullcontext((args.grpc, args.http, args.openai)) if args.grpc else own_servers())
     with servers as (grpc_url, http_url, openai_url):
-        kinds = {"grpc-sync": lambda m, n: arrivals_grpc_sync(grpc_url, m, n),
-                 "grpc-aio": lambda m, n: arrivals_grpc_aio(grpc_url, m, n),
-                 "http-sse": lambda m, n: arrivals_http(http_url, m, n)}
-        if openai_url:
-            kinds["openai-sse"] = lambda m, n: arrivals_openai(openai_url, m, n)
+        kinds = client_kinds(grpc_url, http_url, openai_url)
         print_table(measure(kinds, args.models, args.rounds, args.max_tokens), args.max_tokens)
     return 0
 
