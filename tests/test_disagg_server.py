@@ -167,6 +167,18 @@ def test_the_first_token_comes_from_prefill_and_the_answer_is_agg_s(triton_serve
         assert once["text_output"] == "".join(r["text_output"] for r in agg), model
 
 
+def test_images_of_one_shape_in_a_row_each_get_their_own_answer(triton_server, offline_vl):
+    """Decode sees zero embeddings: with vLLM's prefix cache on in decode, the second image of a shape after the
+    same long text (whole KV blocks over the image) got the first image's KV from decode's own cache and its
+    tokens, silently. Each must equal agg's and the plain vLLM run for that image."""
+    text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 30)
+    answers = []
+    for seed in (21, 22, 23):
+        img = pattern_image(100, 80, seed=seed)
+        answers.append(all_paths_equal(triton_server, offline_vl, text, [data_uri(img)], [img]))
+    assert len({tuple(a) for a in answers}) > 1, "the images must give different answers for this to prove anything"
+
+
 def test_bls_streams_one_response_per_token(triton_server):
     _, responses = tokens(triton_server, "multimodal_bls", build_inputs("Hello", sampling=GREEDY))
     assert len(responses) == 24

@@ -275,8 +275,13 @@ def kv_engine(settings: Settings, role: str) -> VllmEngine:
         # UCX listens on every interface unless told otherwise: loopback unless the user chose.
         "UCX_NET_DEVICES": os.environ.get("UCX_NET_DEVICES", "lo"),
     }
+    # Decode gets zero embeddings (the KV comes from prefill), so its prefix cache would key every image of one
+    # shape alike: a second image of the same size after the same text reused the first's KV from decode's own
+    # cache (other tokens, no error; tests/test_disagg_server.py, images of one shape in a row). Prefill's keys
+    # hold the real embeddings and stay cached.
+    no_prefix_cache = {} if producer else {"enable_prefix_caching": False}
     args = engine_args_for(settings, embeddings_only_limits(family_for(settings.model_path())),
-                           **kv_transfer_args(role))
+                           **kv_transfer_args(role), **no_prefix_cache)
     return VllmEngine(args, env=env, on_death=settings.engine_on_death)
 
 
