@@ -707,6 +707,29 @@ def test_forward_sends_decodes_responses_in_order_with_one_final_on_the_last(res
     assert pb_utils.get_output_tensor_by_name(sent[-1][0], "finish_reason").as_numpy()[0] == b"length"
 
 
+def test_forward_sends_each_response_before_the_next_one_comes(responses) -> None:
+    # The first token (from prefill) must reach the client while llm_decode still waits for the KV: forward
+    # sends each response as it comes, it holds none back for the FINAL flag.
+    request, channel = client_channel(responses)
+    items = list(decode_call(lambda _r: [triton_io.chunk_response(chunk(i, i == 2)) for i in range(3)]))
+    out_before: list[int] = []
+
+    def taking(_n: int) -> None:  # what the client has when forward takes the next response from llm_decode
+        assert responses.drain(timeout_s=5.0)
+        out_before.append(len(request.get_response_sender().sent))
+
+    triton_bls.forward(CancellableResponses(items, on_take=taking), channel)
+    assert out_before[:3] == [0, 1, 2]  # when response 2 (3) is taken, response 1 (2) is out already
+
+
+def test_forward_ends_an_answer_whose_last_response_names_no_finish_reason(responses) -> None:
+    request, channel = client_channel(responses)
+    triton_bls.forward(decode_call(lambda _r: [triton_io.chunk_response(chunk(i, False)) for i in range(2)]),
+                       channel)
+    sent = request.get_response_sender().wait_final()
+    assert [flags for _, flags in sent] == [0, 0, FINAL] and sent[-1][0] is None
+
+
 @pytest.mark.parametrize(("exc", "raised", "text"), [
     (EngineDead("the vLLM engine died"), EngineDead, "llm_decode: the vLLM engine died"),
     (InvalidInput("prompt too long"), InvalidInput, "prompt too long"),
@@ -762,7 +785,9 @@ def test_forward_stops_when_the_client_has_gone_and_ends_with_an_empty_final(res
     triton_bls.forward(decode, channel)
 
     sent = request.get_response_sender().wait_final()
-    assert sent == [(None, FINAL)]  # what was held back is not sent to a client that has gone
+    # The first response went out as it came; the cancel, seen at the second, ends the stream with flags only.
+    assert [text_of(r) if r is not None else None for r, _ in sent] == ["t0", None]
+    assert [flags for _, flags in sent] == [0, FINAL]
     assert decode.taken == 2 and decode.cancelled  # nothing more read from llm_decode, and its request cancelled
 
 

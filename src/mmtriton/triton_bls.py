@@ -48,9 +48,11 @@ def raise_for(response, stage: str) -> None:
 
 
 def forward(responses, channel: triton_io.ResponseChannel) -> bool:
-    """llm_decode's responses to the client as they come; the last one carries the FINAL flag. False when the
-    client cancelled (llm_decode is still generating then: the caller tells it to stop)."""
-    held = None  # one response held back, so the last one can carry the FINAL flag
+    """llm_decode's responses to the client, each the moment it comes (the first token, which llm_decode sends
+    before any KV moves, must not wait for the second); the one that ends the answer (it names a finish
+    reason) carries the FINAL flag. False when the client cancelled (llm_decode is still generating then: the
+    caller tells it to stop)."""
+    sent = False
     for response in responses:
         raise_for(response, "llm_decode")
         if channel.is_cancelled():
@@ -58,14 +60,17 @@ def forward(responses, channel: triton_io.ResponseChannel) -> bool:
                 responses.cancel()
             channel.finish_cancelled()
             return False
-        if not response.output_tensors():
-            continue  # the empty final-flag response
-        if held is not None:
-            channel.send(held)
-        held = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
-    if held is None:
+        if not response.output_tensors() or channel.closed:
+            continue  # llm_decode's empty final-flag response, or anything after the final (none expected)
+        out = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
+        if triton_io.finish_reason_of(response):
+            channel.send_final(out)
+        else:
+            channel.send(out)
+        sent = True
+    if not sent:
         raise RuntimeError("llm_decode sent no output")
-    channel.send_final(held)
+    channel.finish()  # ends the stream if no response named a finish reason (a no-op after send_final)
     return True
 
 

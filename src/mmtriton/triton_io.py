@@ -137,6 +137,15 @@ def in_band_error(response) -> str | None:
     return message or "failed without a message"
 
 
+def finish_reason_of(response) -> str:
+    """A response's finish_reason output ("" while more follows, or when it has none)."""
+    finish = pb_utils.get_output_tensor_by_name(response, "finish_reason")
+    if finish is None:
+        return ""
+    values = finish.as_numpy().reshape(-1)
+    return _as_text(values[0]) if len(values) else ""
+
+
 def _as_text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -268,10 +277,14 @@ class ResponseChannel:
             response = in_band_error_response(exc) if self.in_band_errors else error_response(exc)
             self.responses.put(self, response, FINAL)
 
-    def finish_cancelled(self) -> None:
+    def finish(self) -> None:
+        """End the stream with the FINAL flag alone (no response); nothing once it has ended."""
         if not self.closed:
             self.closed = True
             self.responses.put(self, None, FINAL)
+
+    def finish_cancelled(self) -> None:
+        self.finish()
 
     def only_requested(self, response):
         """The response without the outputs the client did not ask for.
