@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from itertools import accumulate
 
 import pytest
 
@@ -23,6 +24,27 @@ pytestmark = pytest.mark.integration
 MAX_TOKENS = 8
 
 
+def assert_every_token_streamed(profile) -> None:
+    """Streaming really happened, and nothing was lost: each request's responses (as perf_analyzer recorded
+    them) carry MAX_TOKENS tokens in all (min_tokens = max_tokens), each counting the tokens so far, one
+    response per token as a rule. A response may carry two when the server's loop falls behind the engine
+    (vLLM merges output deltas not yet taken; seen once in CI), so the rule is checked as an average."""
+    requests = json.loads(profile.read_text())["experiments"][0]["requests"]
+    per_request = []
+    for request in requests:
+        outputs = request["response_outputs"]
+        tokens, counts = [], []
+        for out in outputs:
+            ids = out["token_ids"]
+            tokens += ids if isinstance(ids, list) else [ids]
+            counts.append(out["num_output_tokens"])
+        assert counts == list(accumulate(len(o["token_ids"]) if isinstance(o["token_ids"], list) else 1
+                                         for o in outputs)), outputs
+        assert len(tokens) == MAX_TOKENS, outputs
+        per_request.append(len(outputs))
+    assert sum(per_request) / len(per_request) >= MAX_TOKENS - 1, per_request
+
+
 def test_perf_analyzer_streams_multimodal_agg(triton_server, tmp_path):
     inputs = write_input_data(tmp_path / "inputs.json", build_entries([(64, 48)], variants=2, max_tokens=MAX_TOKENS))
     out_csv, profile = tmp_path / "perf.csv", tmp_path / "profile.json"
@@ -35,9 +57,9 @@ def test_perf_analyzer_streams_multimodal_agg(triton_server, tmp_path):
     rows = list(csv.DictReader(out_csv.open()))
     assert len(rows) == 1 and rows[0]["Concurrency"] == "1", rows
     assert float(rows[0]["Inferences/Second"]) > 0, rows
-    # Streaming really happened: one response per generated token (min_tokens = max_tokens), for every request.
     (summary,) = profile_summary(profile)
-    assert summary["requests"] >= 20 and summary["responses_per_request"] == MAX_TOKENS, summary
+    assert summary["requests"] >= 20, summary
+    assert_every_token_streamed(profile)
     assert 0 < summary["first_p50"] <= summary["last_p50"], summary
 
 
@@ -55,7 +77,8 @@ def test_perf_analyzer_streams_video_requests_to_the_ensemble(triton_server, tmp
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (summary,) = profile_summary(profile)
-    assert summary["requests"] >= 10 and summary["responses_per_request"] == MAX_TOKENS, summary
+    assert summary["requests"] >= 10, summary
+    assert_every_token_streamed(profile)
     # The video reached the model: every request's prompt is as long as a direct request with the same video
     # (its frames' tokens included), longer than the same text alone.
     requests = json.loads(profile.read_text())["experiments"][0]["requests"]
