@@ -11,6 +11,7 @@ import re
 import socket
 import urllib.request
 import wave
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -233,10 +234,36 @@ def assert_pool_drained(server: _HasMetricsEndpoint, encoder: str, expired_befor
     assert metric(server, "mmtriton_embedding_pool", "expired", encoder) == expired_before
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 below the kernel's ephemeral range, never the same twice in a process. A port
+    from bind(0) is an ephemeral one, and an outgoing connection made before the server binds it can take it:
+    in CI vLLM's NIXL side channel got "Address already in use" a minute after its port was chosen, and the
+    prefill engine never started."""
+    import random
+
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = random.randrange(20000, max(low, 20001))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in 20000-{low - 1} on 127.0.0.1")
 
 
 def bench_server_config(model: str, log_name: str, models: list[str] | None = None) -> ServerConfig:
