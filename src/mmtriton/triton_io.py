@@ -126,11 +126,7 @@ def in_band_error_response(exc: BaseException):
 
 def in_band_error(response) -> str | None:
     """The error message an in-band error response carries; None for any other response."""
-    finish = pb_utils.get_output_tensor_by_name(response, "finish_reason")
-    if finish is None or response.has_error():
-        return None
-    values = finish.as_numpy().reshape(-1)
-    if len(values) != 1 or _as_text(values[0]) != IN_BAND_ERROR_FINISH:
+    if response.has_error() or finish_reason_of(response) != IN_BAND_ERROR_FINISH:
         return None
     text = pb_utils.get_output_tensor_by_name(response, "text_output")
     message = "" if text is None else "".join(_as_text(v) for v in text.as_numpy().reshape(-1))
@@ -138,12 +134,12 @@ def in_band_error(response) -> str | None:
 
 
 def finish_reason_of(response) -> str:
-    """A response's finish_reason output ("" while more follows, or when it has none)."""
+    """A response's finish_reason output ("" while more follows, or when it has none of the contract's shape [1])."""
     finish = pb_utils.get_output_tensor_by_name(response, "finish_reason")
     if finish is None:
         return ""
     values = finish.as_numpy().reshape(-1)
-    return _as_text(values[0]) if len(values) else ""
+    return _as_text(values[0]) if len(values) == 1 else ""
 
 
 def _as_text(value) -> str:
