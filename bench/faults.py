@@ -33,7 +33,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the client package
 
 from client import InferenceFailed, build_inputs, stream_grpc  # noqa: E402
-from mmtriton.supervisor import command_line, list_stubs  # noqa: E402
+from mmtriton.supervisor import command_line, descendant_named, newest_stub  # noqa: E402
 from mmtriton.testing import bench_server_config, metric, pattern_image, png_bytes  # noqa: E402
 
 PATHS = ("multimodal_agg", "multimodal", "multimodal_bls")
@@ -111,20 +111,17 @@ def one_request(url: str, path: str, want: list[int] | None) -> Outcome:
 def target_pid(server_pid: int, fault: str) -> int:
     """The exact PID to kill for ``fault`` ("stub:<model>", "engine:<model>", "worker:<model>")."""
     what, model = fault.split(":", 1)
-    stubs = [s for s in list_stubs(server_pid) if s.model == model]
-    if not stubs:
+    stub = newest_stub(server_pid, model)
+    if stub is None:
         raise LookupError(f"no stub for {model}")
-    # The newest: an older stub of the same model may be a version Triton has not finished unloading.
-    stub = max(stubs, key=lambda s: s.create_time)
     if what == "stub":
         return stub.pid
-    children = psutil.Process(stub.pid).children(recursive=True)
-    names = {c.pid: command_line(c) for c in children}
     marker = "EngineCore" if what == "engine" else "Worker"
-    for pid, name in names.items():
-        if marker in name:
-            return pid
-    raise LookupError(f"no {marker} process under {model}'s stub (pid {stub.pid}): {sorted(names.values())[:4]}")
+    found = descendant_named(stub.pid, marker)
+    if found is None:
+        names = sorted(command_line(c) for c in psutil.Process(stub.pid).children(recursive=True))
+        raise LookupError(f"no {marker} process under {model}'s stub (pid {stub.pid}): {names[:4]}")
+    return found.pid
 
 
 def ready(http_url: str, model: str | None = None) -> bool:

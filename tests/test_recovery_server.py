@@ -14,19 +14,17 @@ import pytest
 
 from client import InferenceFailed, RequestInputs, build_inputs, stream_grpc
 from conftest import metric, pattern_image, png_bytes
-from mmtriton.supervisor import command_line, list_stubs
+from mmtriton.supervisor import descendant_named, newest_stub
 
 pytestmark = pytest.mark.integration
 
 
 def engine_core_of(server, model: str) -> psutil.Process:
-    stubs = [s for s in list_stubs(server.process.pid) if s.model == model]
-    assert stubs, f"no stub process for {model}"
-    # The newest: an older stub of the model may be a version Triton has not finished unloading.
-    stub = max(stubs, key=lambda s: s.create_time)
-    cores = [c for c in psutil.Process(stub.pid).children(recursive=True) if "EngineCore" in command_line(c)]
-    assert cores, f"no EngineCore under {model}'s stub (pid {stub.pid})"
-    return cores[0]
+    stub = newest_stub(server.process.pid, model)
+    assert stub is not None, f"no stub process for {model}"
+    core = descendant_named(stub.pid, "EngineCore")
+    assert core is not None, f"no EngineCore under {model}'s stub (pid {stub.pid})"
+    return core
 
 
 def answer(server, model: str, inputs: RequestInputs) -> list[int]:

@@ -21,9 +21,11 @@ from mmtriton.supervisor import (
     StubProcess,
     StubSupervisor,
     TritonRepository,
+    descendant_named,
     describe_exit,
     ensemble_dependents,
     list_stubs,
+    newest_stub,
     wait_status,
 )
 
@@ -150,6 +152,10 @@ def test_list_stubs_and_the_exit_status_of_a_dead_one(tmp_path):
         stub = _wait(lambda: next((s for s in list_stubs(os.getpid()) if s.pid == proc.pid and s.descendants), None))
         assert (stub.model, stub.instance) == ("encoder_image", "encoder_image_0_0")
         (grandchild, _), = stub.descendants
+        assert newest_stub(os.getpid(), "encoder_image").pid == proc.pid
+        assert newest_stub(os.getpid(), "llm_decode") is None
+        assert descendant_named(proc.pid, "time.sleep(60)").pid == grandchild
+        assert descendant_named(proc.pid, "EngineCore") is None
         proc.kill()
         _wait(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE)
         # A zombie (Triton 2.51 never reaps a crashed stub) is not listed, and its status is still readable.
@@ -163,6 +169,14 @@ def test_list_stubs_and_the_exit_status_of_a_dead_one(tmp_path):
             if psutil.pid_exists(pid):
                 psutil.Process(pid).kill()
     assert wait_status(proc.pid) is None  # reaped
+
+
+def test_newest_stub_is_the_latest_started_of_its_model(monkeypatch):
+    import mmtriton.supervisor as supervisor
+
+    stubs = [_stub(1, created=5.0), _stub(2, created=9.0), _stub(3, model="llm_decode", created=99.0)]
+    monkeypatch.setattr(supervisor, "list_stubs", lambda _server_pid: stubs)
+    assert newest_stub(0, "encoder_image").pid == 2  # an older one may be a version still being unloaded
 
 
 class FakeTriton(http.server.ThreadingHTTPServer):

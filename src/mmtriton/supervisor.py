@@ -79,6 +79,16 @@ def command_line(proc: psutil.Process) -> str:
         return ""
 
 
+def newest_stub(server_pid: int, model: str) -> StubProcess | None:
+    """The newest live stub of ``model``: an older one may be a version Triton has not finished unloading."""
+    return max((s for s in list_stubs(server_pid) if s.model == model), key=lambda s: s.create_time, default=None)
+
+
+def descendant_named(pid: int, marker: str) -> psutil.Process | None:
+    """The first process under ``pid`` whose name or command line holds ``marker`` (e.g. vLLM's "EngineCore")."""
+    return next((c for c in psutil.Process(pid).children(recursive=True) if marker in command_line(c)), None)
+
+
 def wait_status(pid: int) -> int | None:
     """The waitpid-style status of a zombie (field 52 of /proc/<pid>/stat), None once it has been reaped."""
     try:
