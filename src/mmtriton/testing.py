@@ -7,6 +7,7 @@ Plain functions only, no pytest: bench scripts import this without putting tests
 from __future__ import annotations
 
 import io
+import random
 import re
 import socket
 import urllib.request
@@ -249,8 +250,6 @@ def free_port() -> int:
     from bind(0) is an ephemeral one, and an outgoing connection made before the server binds it can take it:
     in CI vLLM's NIXL side channel got "Address already in use" a minute after its port was chosen, and the
     prefill engine never started."""
-    import random
-
     low = _ephemeral_low()
     for _ in range(500):
         port = random.randrange(20000, max(low, 20001))
