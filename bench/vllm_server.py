@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from mmtriton.process_session import popen_session_kwargs
 from mmtriton.server import stop_process_group
 
 # The tiny models as our engines run them: the checkpoint's float32 (vLLM would choose bf16 on CPU), no CUDA
@@ -62,10 +63,11 @@ class VllmOpenAIServerProcess:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_file, "wb")  # noqa: SIM115 - closed below, once the child has its own copy
         try:
-            # Own process group: stop() reaches vLLM's engine core processes too.
+            # Own process group (stop() reaches vLLM's engine core processes too) in our session, as our own
+            # servers are (mmtriton.process_session): the same scheduling for the yardstick.
             self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
-                                            start_new_session=True)
+                                            **popen_session_kwargs())
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()

@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmtriton.process_session import popen_session_kwargs
+
 CONTRACT_MODELS = ["multimodal_agg", "multimodal", "multimodal_bls"]
 
 
@@ -61,7 +63,7 @@ class OpenAIServerProcess:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_file, "w")  # noqa: SIM115 - the child owns it from here
         self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        **popen_session_kwargs())
 
     def wait_ready(self, timeout_s: float = 60.0, triton_ready: bool = True) -> None:
         """Until /health answers (200 if ``triton_ready``: Triton behind it is ready too)."""

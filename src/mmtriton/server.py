@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmtriton.process_session import popen_session_kwargs, set_autogroup_nice
 from mmtriton.settings import repo_root
 from mmtriton.supervisor import StubSupervisor, TritonRepository, bls_callers, ensemble_dependents, list_stubs
 
@@ -94,6 +95,10 @@ class ServerConfig:
     exit_timeout_s: int = 5
     # Watch the stubs and reload a model whose stub died (mmtriton.supervisor); started once the server is ready.
     supervise_stubs: bool = True
+    # None: tritonserver runs in the caller's session (one scheduler autogroup with its clients; see
+    # mmtriton.process_session). N: a session of its own whose autogroup gets nice N, so that clients in other
+    # sessions of this machine are not starved by the engines.
+    session_nice: int | None = None
 
     def model_names(self) -> list[str]:
         return list(self.models) if self.models is not None else repository_models(self.model_repository)
@@ -215,9 +220,12 @@ class TritonServer:
         self.config.log_file = log_file
         self._log_handle = open(log_file, "wb")  # noqa: SIM115 - lives as long as the process
         # Own process group, so stop() reaches the stubs and vLLM's engine processes too.
-        self.process = subprocess.Popen(
-            self.command(), stdout=self._log_handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        self.process = subprocess.Popen(self.command(), stdout=self._log_handle, stderr=subprocess.STDOUT, env=env,
+                                        **popen_session_kwargs(self.config.session_nice))
+        if self.config.session_nice is not None:
+            why_not = set_autogroup_nice(self.process.pid, self.config.session_nice)
+            if why_not is not None:
+                print(f"mmtriton.server: session nice not applied: {why_not}", file=sys.stderr, flush=True)
 
     def is_ready(self) -> bool:
         try:
@@ -343,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
     parser.add_argument("--openai-port", type=int, default=9000,
                         help="also serve the OpenAI-compatible API (mmtriton.openai_server) here; 0: don't")
+    parser.add_argument("--session-nice", type=int, default=None, metavar="N",
+                        help="run tritonserver in a session of its own with scheduler autogroup nice N (0..19), "
+                             "so that clients started in other sessions of this machine (another terminal) are "
+                             "not held up by the engines; default: tritonserver shares this command's session "
+                             "(docs/streaming.md)")
     args = parser.parse_args(argv)
 
     env: dict[str, str] = {}
@@ -360,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(
         model_repository=args.model_repository, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, models=args.models,
-        log_verbose=args.log_verbose, env=env,
+        log_verbose=args.log_verbose, env=env, session_nice=args.session_nice,
     )
     server = TritonServer(config)
     openai = None
