@@ -187,11 +187,12 @@ CLIENTS = ("http", "grpc")
 
 def bench_triton(model: str, uri: str, levels: list[int], n: int, step=no_progress,
                  openai_front: bool = False, while_up=None,
-                 client: str = "http") -> dict[str, dict[int, dict[str, float]]]:
-    """Each Triton path through ``client``: "http" (generate_stream SSE, the yardstick's kind of client) or
-    "grpc" (tritonclient's stream); with ``openai_front`` also multimodal_agg through our OpenAI server
-    (measured by the same SSE client as vLLM's server). ``while_up(grpc_url, http_url, openai_url or None)``
-    runs last, while the servers are still up (bench/report.py: the arrival gaps)."""
+                 clients: tuple[str, ...] = ("http",)) -> dict[str, dict[int, dict[str, float]]]:
+    """Each Triton path through each of ``clients``: "http" (generate_stream SSE, the yardstick's kind of client;
+    rows named by the path) or "grpc" (tritonclient's stream; rows "<path> (grpc)"); with ``openai_front`` also
+    multimodal_agg through our OpenAI server (measured by the same SSE client as vLLM's server).
+    ``while_up(grpc_url, http_url, openai_url or None)`` runs last, while the servers are still up
+    (bench/report.py: the arrival gaps)."""
     config = bench_server_config(model, "bench-tritonserver.log")
     server = TritonServer(config)
     server.start()
@@ -201,14 +202,16 @@ def bench_triton(model: str, uri: str, levels: list[int], n: int, step=no_progre
         inputs = build_inputs(PROMPT, sampling={"max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS, "temperature": 0})
         inputs.image_url = [uri]
         for path in TRITON_PATHS:
-            send = (GrpcSender(config.grpc_url, path, inputs) if client == "grpc"
-                    else triton_http_sender(config.http_url, path, inputs))
-            out[path] = {}
-            for c in levels:
-                out[path][c] = run_load(send, c, n)
-                if isinstance(send, GrpcSender):
-                    send.close()  # run_load's threads are gone; the next level's make their own
-                step(f"{path} c={c}")
+            for client in clients:
+                send = (GrpcSender(config.grpc_url, path, inputs) if client == "grpc"
+                        else triton_http_sender(config.http_url, path, inputs))
+                row = path if client == "http" else f"{path} ({client})"
+                out[row] = {}
+                for c in levels:
+                    out[row][c] = run_load(send, c, n)
+                    if isinstance(send, GrpcSender):
+                        send.close()  # run_load's threads are gone; the next level's make their own
+                    step(f"{row} c={c}")
         if openai_front:
             front = OpenAIServerProcess(OpenAIServerConfig(triton_url=config.grpc_url, port=free_port()),
                                         log_file=ROOT / "logs" / "bench-openai-server.log")
@@ -238,15 +241,15 @@ OPENAI_PATH = "openai→agg"
 def print_table(base: dict[int, dict[str, float]], triton: dict[str, dict[int, dict[str, float]]],
                 levels: list[int]) -> None:
     print(f"\n1-image requests, {MAX_TOKENS} tokens streamed, tiny Qwen2-VL; ratio = path / vLLM server")
-    print(f"{'path':<18}{'conc':>5}{'TTFT ms':>10}{'e2e ms':>10}{'req/s':>8}{'TTFT x':>8}{'e2e x':>8}{'req/s x':>9}"
+    print(f"{'path':<22}{'conc':>5}{'TTFT ms':>10}{'e2e ms':>10}{'req/s':>8}{'TTFT x':>8}{'e2e x':>8}{'req/s x':>9}"
           f"{'errors':>8}")
     for c in levels:
         b = base[c]
-        print(f"{'vLLM server':<18}{c:>5}{b['ttft_ms']:>10.1f}{b['e2e_ms']:>10.1f}{b['rps']:>8.1f}"
+        print(f"{'vLLM server':<22}{c:>5}{b['ttft_ms']:>10.1f}{b['e2e_ms']:>10.1f}{b['rps']:>8.1f}"
               f"{1:>8.2f}{1:>8.2f}{1:>9.2f}{b['errors']:>8}")
         for path, per_level in triton.items():
             r = per_level[c]
-            print(f"{path:<18}{c:>5}{r['ttft_ms']:>10.1f}{r['e2e_ms']:>10.1f}{r['rps']:>8.1f}"
+            print(f"{path:<22}{c:>5}{r['ttft_ms']:>10.1f}{r['e2e_ms']:>10.1f}{r['rps']:>8.1f}"
                   f"{r['ttft_ms'] / b['ttft_ms']:>8.2f}{r['e2e_ms'] / b['e2e_ms']:>8.2f}{r['rps'] / b['rps']:>9.2f}"
                   f"{r['errors']:>8}")
 
@@ -256,16 +259,16 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--openai", action="store_true", help="also multimodal_agg through mmtriton.openai_server")
-    ap.add_argument("--client", choices=CLIENTS, default="http",
+    ap.add_argument("--clients", nargs="+", choices=CLIENTS, default=["http"],
                     help="how the Triton paths are called: HTTP generate_stream SSE (default; the same kind of "
-                         "client as vLLM's server gets) or tritonclient's gRPC stream")
+                         "client as vLLM's server gets) and/or tritonclient's gRPC stream")
     args = ap.parse_args()
     (ROOT / "logs").mkdir(exist_ok=True)
     model = str(ensure_tiny_models()["qwen2-vl"])
     uri = "data:image/png;base64," + base64.b64encode(png_bytes(pattern_image(100, 80, seed=1))).decode()
     base = bench_vllm_server(model, uri, args.concurrency, args.requests, step=print)
     triton = bench_triton(model, uri, args.concurrency, args.requests, step=print, openai_front=args.openai,
-                          client=args.client)
+                          clients=tuple(args.clients))
     print_table(base, triton, args.concurrency)
     return 0
 

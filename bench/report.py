@@ -59,6 +59,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--requests", type=int, default=24, help="requests per path and concurrency (after warm-up)")
+    ap.add_argument("--clients", nargs="+", choices=pc.CLIENTS, default=list(pc.CLIENTS),
+                    help="how the Triton paths are called: HTTP generate_stream SSE (rows named by the path; the "
+                         "yardstick's kind of client) and tritonclient's gRPC stream (rows '<path> (grpc)')")
     ap.add_argument("--stream-rounds", type=int, default=6,
                     help="streams per path and client kind for the arrival-gap table (bench/stream_timing.py)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"report-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -70,7 +73,7 @@ def main() -> int:
     model = str(pc.ensure_tiny_models()["qwen2-vl"])
     uri = "data:image/png;base64," + pc.base64.b64encode(pc.png_bytes(pc.pattern_image(100, 80, seed=1))).decode()
     levels = sorted(args.concurrency)
-    paths = [BASELINE, *pc.TRITON_PATHS, pc.OPENAI_PATH]
+    paths = [BASELINE, *(p for p in pc.TRITON_PATHS for _ in args.clients), pc.OPENAI_PATH]
     with tqdm(total=len(paths) * len(levels), desc="starting vLLM server", unit="run") as bar:
 
         def step(label: str) -> None:
@@ -87,7 +90,7 @@ def main() -> int:
             arrivals.update(st.measure(kinds, st.PATHS, args.stream_rounds, st.MAX_TOKENS))
 
         triton = pc.bench_triton(model, uri, levels, args.requests, step=step, openai_front=True,
-                                 while_up=measure_arrivals)
+                                 while_up=measure_arrivals, clients=tuple(args.clients))
 
     results = {BASELINE: base, **triton}
     pc.print_table(base, triton, levels)

@@ -220,8 +220,9 @@ class TritonServer:
         self.config.log_file = log_file
         self._log_handle = open(log_file, "wb")  # noqa: SIM115 - lives as long as the process
         # Own process group, so stop() reaches the stubs and vLLM's engine processes too.
+        # stdin: in the caller's session but not its foreground group, a read from the terminal would stop it.
         self.process = subprocess.Popen(self.command(), stdout=self._log_handle, stderr=subprocess.STDOUT, env=env,
-                                        **popen_session_kwargs(self.config.session_nice))
+                                        stdin=subprocess.DEVNULL, **popen_session_kwargs(self.config.session_nice))
         if self.config.session_nice is not None:
             why_not = set_autogroup_nice(self.process.pid, self.config.session_nice)
             if why_not is not None:
@@ -400,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     # raises KeyboardInterrupt.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    # The terminal closing: stop the servers too (they share its session but not its foreground group).
+    signal.signal(signal.SIGHUP, _on_signal)
     try:
         waited = server.wait_ready(args.timeout, progress=True)
         server.start_supervisor(log=lambda message: print(message, flush=True))
