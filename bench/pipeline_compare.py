@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,25 @@ def run_load(send, concurrency: int, requests: int) -> dict[str, float]:
     }
 
 
+def sse_sender(url: str, body: bytes, is_token: Callable[[bytes], bool]):
+    """``send()`` → (ttft_s, e2e_s): POST ``body`` to ``url`` and read its Server-Sent Events line by line with
+    urllib; the first line ``is_token`` accepts is the first token. A ``data:`` line with an error raises."""
+
+    def send():
+        start = time.perf_counter()
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        first = None
+        with urllib.request.urlopen(req, timeout=300) as r:
+            for line in r:
+                if first is None and is_token(line):
+                    first = time.perf_counter()
+                if line.startswith(b"data:") and b'"error"' in line:
+                    raise RuntimeError(line.decode(errors="replace")[:200])
+        return (first or time.perf_counter()) - start, time.perf_counter() - start
+
+    return send
+
+
 def openai_sender(base_url: str, model: str, uri: str):
     """``send()`` for an OpenAI-compatible server (vLLM's or ours): one streamed chat request with the image."""
     body = json.dumps({
@@ -89,19 +109,8 @@ def openai_sender(base_url: str, model: str, uri: str):
         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                   {"type": "text", "text": PROMPT}]}],
     }).encode()
-
-    def send():
-        start = time.perf_counter()
-        req = urllib.request.Request(f"{base_url}/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        first = None
-        with urllib.request.urlopen(req, timeout=300) as r:
-            for line in r:
-                if line.startswith(b"data: ") and b'"content"' in line and first is None:
-                    first = time.perf_counter()
-        return (first or time.perf_counter()) - start, time.perf_counter() - start
-
-    return send
+    return sse_sender(f"{base_url}/chat/completions", body,
+                      lambda line: line.startswith(b"data: ") and b'"content"' in line)
 
 
 def no_progress(_label: str) -> None:
@@ -128,27 +137,16 @@ TRITON_PATHS = ("multimodal", "multimodal_bls", "multimodal_agg")
 
 def triton_http_sender(http_url: str, path: str, inputs):
     """``send()`` for a Triton path through HTTP ``generate_stream``: Server-Sent Events read by the same kind of
-    client as vLLM's server gets (urllib, one line at a time). Measured by bench/cpu_per_request.py, the
-    tritonclient gRPC stream client costs 19-43 ms of CPU per 24-token request, this one ~2 ms as for vLLM: on 2
-    shared cores the client's CPU is taken from the server."""
-    body = _http_body(inputs, stream=True)
+    client as vLLM's server gets. Measured by bench/cpu_per_request.py, this client costs ~2 ms of CPU per
+    24-token request as vLLM's does, tritonclient's gRPC stream 6-9 ms: on 2 shared cores the client's CPU is
+    taken from the server."""
 
-    def send():
-        start = time.perf_counter()
-        req = urllib.request.Request(f"http://{http_url}/v2/models/{path}/generate_stream", data=body,
-                                     headers={"Content-Type": "application/json"})
-        first = None
-        with urllib.request.urlopen(req, timeout=300) as r:
-            for line in r:
-                # One token is a bare number ("token_ids":928), more a list; the last response may have none.
-                if first is None and line.startswith(b"data:") and b'"token_ids":' in line \
-                        and b'"token_ids":[]' not in line:
-                    first = time.perf_counter()
-                if line.startswith(b"data:") and b'"error"' in line:
-                    raise RuntimeError(line.decode(errors="replace")[:200])
-        return (first or time.perf_counter()) - start, time.perf_counter() - start
+    def is_token(line: bytes) -> bool:
+        # One token is a bare number ("token_ids":928), more a list; the last response may have none.
+        return line.startswith(b"data:") and b'"token_ids":' in line and b'"token_ids":[]' not in line
 
-    return send
+    return sse_sender(f"http://{http_url}/v2/models/{path}/generate_stream", _http_body(inputs, stream=True),
+                      is_token)
 
 
 class GrpcSender:
