@@ -30,7 +30,7 @@ import pipeline_compare as pc  # noqa: E402
 from client import build_inputs  # noqa: E402
 from mmtriton.server import TritonServer  # noqa: E402
 from mmtriton.supervisor import command_line, list_stubs  # noqa: E402
-from mmtriton.testing import bench_server_config, free_port  # noqa: E402
+from mmtriton.testing import bench_server_config  # noqa: E402
 
 CLIENT = "client (this script)"
 
@@ -106,19 +106,14 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--paths", nargs="+", default=list(pc.TRITON_PATHS))
     ap.add_argument("--clients", nargs="+", choices=pc.CLIENTS, default=list(pc.CLIENTS),
-                    help="how the Triton paths are called (bench/pipeline_compare.py --client)")
+                    help="how the Triton paths are called (bench/pipeline_compare.py --clients)")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's own server")
     args = ap.parse_args()
     model = str(pc.ensure_tiny_models()["qwen2-vl"])
     uri = "data:image/png;base64," + pc.base64.b64encode(pc.png_bytes(pc.pattern_image(100, 80, seed=1))).decode()
 
     if not args.no_vllm:
-        import json
-
-        extra_args = [*pc.TINY_MODEL_ARGS, "--max-num-seqs", "16",
-                      "--limit-mm-per-prompt", json.dumps({"image": 8, "video": 8})]
-        with pc.VllmOpenAIServerProcess(model, free_port(), extra_args=extra_args,
-                                        log_file=ROOT / "logs" / "bench-vllm-server.log") as server:
+        with pc.vllm_server(model) as server:
             tree = labelled_tree(server.process.pid, vllm_labels)
             figures, ms = measure(pc.openai_sender(server.base_url, model, uri), tree, args.concurrency,
                                   args.requests)
@@ -133,11 +128,9 @@ def main() -> int:
         inputs.image_url = [uri]
         for path in args.paths:
             for client in args.clients:
-                send = (pc.GrpcSender(config.grpc_url, path, inputs) if client == "grpc"
-                        else pc.triton_http_sender(config.http_url, path, inputs))
+                send = pc.triton_sender(client, config, path, inputs)
                 figures, ms = measure(send, tree, args.concurrency, args.requests)
-                if isinstance(send, pc.GrpcSender):
-                    send.close()
+                pc.close_sender(send)
                 print_rows(f"{path} c={args.concurrency} ({client} client)", figures, ms)
     print(f"\n({os.cpu_count()} cores; CPU read from /proc per process, warm-up requests included in the division)")
     return 0

@@ -85,7 +85,8 @@ def run_load(send, concurrency: int, requests: int) -> dict[str, float]:
 
 def sse_sender(url: str, body: bytes, is_token: Callable[[bytes], bool]):
     """``send()`` → (ttft_s, e2e_s): POST ``body`` to ``url`` and read its Server-Sent Events line by line with
-    urllib; the first line ``is_token`` accepts is the first token. A ``data:`` line with an error raises."""
+    urllib; the first line ``is_token`` accepts is the first token. A ``data:`` line with an error, or a stream
+    without a token, raises (run_load counts it as a failed request)."""
 
     def send():
         start = time.perf_counter()
@@ -97,7 +98,9 @@ def sse_sender(url: str, body: bytes, is_token: Callable[[bytes], bool]):
                     first = time.perf_counter()
                 if line.startswith(b"data:") and b'"error"' in line:
                     raise RuntimeError(line.decode(errors="replace")[:200])
-        return (first or time.perf_counter()) - start, time.perf_counter() - start
+        if first is None:  # an answer without a token is a failure, never a fast request
+            raise RuntimeError(f"{url}: the stream ended without a token")
+        return first - start, time.perf_counter() - start
 
     return send
 
@@ -117,13 +120,18 @@ def no_progress(_label: str) -> None:
     pass
 
 
-def bench_vllm_server(model: str, uri: str, levels: list[int], n: int,
-                      step=no_progress) -> dict[int, dict[str, float]]:
-    # Served under its path (no --served-model-name), which is the model id openai_sender asks for.
+def vllm_server(model: str) -> VllmOpenAIServerProcess:
+    """vLLM's own OpenAI server on ``model`` as the yardstick runs it (a context manager: started and ready on
+    entry). Served under its path (no --served-model-name), which is the model id openai_sender asks for."""
     extra_args = [*TINY_MODEL_ARGS, "--max-num-seqs", "16",
                   "--limit-mm-per-prompt", json.dumps({"image": 8, "video": 8})]
-    with VllmOpenAIServerProcess(model, free_port(), extra_args=extra_args,
-                                 log_file=ROOT / "logs" / "bench-vllm-server.log") as server:
+    return VllmOpenAIServerProcess(model, free_port(), extra_args=extra_args,
+                                   log_file=ROOT / "logs" / "bench-vllm-server.log")
+
+
+def bench_vllm_server(model: str, uri: str, levels: list[int], n: int,
+                      step=no_progress) -> dict[int, dict[str, float]]:
+    with vllm_server(model) as server:
         send = openai_sender(server.base_url, model, uri)
         out = {}
         for c in levels:
@@ -183,6 +191,21 @@ class GrpcSender:
 CLIENTS = ("http", "grpc")
 
 
+def triton_sender(client: str, config, path: str, inputs):
+    """The ``send()`` of one of CLIENTS for ``path`` on the server of ``config``; call ``close_sender`` after each
+    run_load."""
+    if client == "grpc":
+        return GrpcSender(config.grpc_url, path, inputs)
+    return triton_http_sender(config.http_url, path, inputs)
+
+
+def close_sender(send) -> None:
+    """Close what a sender holds open (GrpcSender: its connections); run_load's threads are gone by then, and the
+    next run_load's make their own."""
+    if isinstance(send, GrpcSender):
+        send.close()
+
+
 def bench_triton(model: str, uri: str, levels: list[int], n: int, step=no_progress,
                  openai_front: bool = False, while_up=None,
                  clients: tuple[str, ...] = ("http",)) -> dict[str, dict[int, dict[str, float]]]:
@@ -201,14 +224,12 @@ def bench_triton(model: str, uri: str, levels: list[int], n: int, step=no_progre
         inputs.image_url = [uri]
         for path in TRITON_PATHS:
             for client in clients:
-                send = (GrpcSender(config.grpc_url, path, inputs) if client == "grpc"
-                        else triton_http_sender(config.http_url, path, inputs))
+                send = triton_sender(client, config, path, inputs)
                 row = path if client == "http" else f"{path} ({client})"
                 out[row] = {}
                 for c in levels:
                     out[row][c] = run_load(send, c, n)
-                    if isinstance(send, GrpcSender):
-                        send.close()  # run_load's threads are gone; the next level's make their own
+                    close_sender(send)
                     step(f"{row} c={c}")
         if openai_front:
             front = OpenAIServerProcess(OpenAIServerConfig(triton_url=config.grpc_url, port=free_port()),

@@ -173,8 +173,15 @@ def session_nice(placement: str) -> int | None:
         return None
     kind, _, nice = placement.partition(":")
     if kind != "own" or not nice.lstrip("-").isdigit():
-        raise argparse.ArgumentTypeError(f"--sessions {placement!r}: 'caller' or 'own:N'")
+        raise argparse.ArgumentTypeError(f"{placement!r}: 'caller' or 'own:N'")
     return int(nice)
+
+
+def placement_arg(placement: str) -> str:
+    """argparse ``type`` for --sessions: the placement as given, refused (a usage error) unless session_nice
+    reads it."""
+    session_nice(placement)
+    return placement
 
 
 @contextlib.contextmanager
@@ -206,13 +213,11 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=PATHS)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
-    parser.add_argument("--sessions", nargs="+", default=["caller"], metavar="PLACEMENT",
+    parser.add_argument("--sessions", nargs="+", default=["caller"], metavar="PLACEMENT", type=placement_arg,
                         help="with servers of its own: one table per placement of tritonserver, 'caller' (this "
                              "script's session, as the launcher does) or 'own:N' (a session of its own, autogroup "
                              "nice N); e.g. own:0 caller")
     args = parser.parse_args()
-    for placement in args.sessions:
-        session_nice(placement)  # refuse a bad one before starting anything
 
     if args.grpc:
         kinds = client_kinds(args.grpc, args.http, args.openai)
