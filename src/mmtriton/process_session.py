@@ -34,7 +34,9 @@ def autogroups_enabled() -> bool:
 
 
 def autogroup_of(pid: int) -> tuple[str, int] | None:
-    """(group name, nice) of ``pid``'s autogroup, e.g. ("/autogroup-314", 0); None without autogroups."""
+    """(group name, nice) of ``pid``'s autogroup, e.g. ("/autogroup-314", 0). None when that cannot be read:
+    autogroups off, the process gone, or a sandbox whose /proc does not show it though the switch reads 1 (seen
+    on a CI machine), where nothing here can tell which group a process is in."""
     try:
         name, _, nice = Path(f"/proc/{pid}/autogroup").read_text().split()
     except (OSError, ValueError):
@@ -49,6 +51,10 @@ def set_autogroup_nice(pid: int, nice: int) -> str | None:
         return f"autogroup nice {nice} is outside -20..19"
     if not autogroups_enabled():
         return f"the kernel does not group by session ({AUTOGROUP_SWITCH} is not 1), so nice {nice} has no effect"
+    if autogroup_of(pid) is None:
+        if not Path(f"/proc/{pid}").exists():
+            return f"pid {pid} is gone"
+        return f"/proc/{pid}/autogroup shows no group here (a sandboxed /proc?), so nice {nice} cannot be set"
     try:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
     except FileNotFoundError:
