@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 import urllib.request
 
@@ -13,6 +14,8 @@ import pytest
 
 from client import InferenceFailed, RequestInputs, build_inputs, generate_http, stream_grpc
 from conftest import metric, pattern_image, png_bytes
+from mmtriton.disagg import core_split
+from mmtriton.supervisor import descendant_named, newest_stub
 from mmtriton.testing import assert_pool_drained
 
 pytestmark = pytest.mark.integration
@@ -52,6 +55,19 @@ def all_paths_equal(server, offline_vl, text: str, urls: list[str], images: list
         assert got == want, model
         assert responses[-1]["finish_reason"] in ("stop", "length")
     return want
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: prefill and decode share it by design")
+def test_prefill_and_decode_engines_compute_on_their_own_cores(triton_server):
+    """vLLM 0.32's NIXL connector moves the worker's main thread, OpenMP's master (the one that computes), to the
+    last core; mmtriton.kv_connector puts it back. Without that, both engines computed on core 1 of 2."""
+    for model, cores in zip(("llm_prefill", "llm_decode"), core_split(), strict=True):
+        stub = newest_stub(triton_server.process.pid, model)
+        assert stub is not None, f"no stub process for {model}"
+        worker = descendant_named(stub.pid, "VLLM::Worker")
+        assert worker is not None, f"no vLLM worker under {model}'s stub (pid {stub.pid})"
+        wanted = {int(core) for core in cores.split(",")}
+        assert os.sched_getaffinity(worker.pid) == wanted, f"{model}'s worker computes on the wrong cores"
 
 
 def test_text_only(triton_server, offline_vl):

@@ -7,6 +7,13 @@ module by ``kv_connector_module_path="mmtriton.kv_connector"`` and ``kv_connecto
 patch below runs in the engine's worker process when vLLM imports this module there.
 Set ``MMT_NIXL_PROGRESS_THREAD=1`` to keep vLLM's default.
 
+Also in the worker: vLLM 0.32's NIXL connector worker, on CPU, moves the thread that builds it to the last core of
+each NUMA node (``os.sched_setaffinity(0, ...)`` in ``NixlBaseConnectorWorker.__init__``, "reserve different
+cores for start_load_kv() from model_forward()"). That thread is the worker's main thread, which is also OpenMP's
+master thread, the one that computes: with one core per engine both engines then computed on the last core and
+the first stayed idle (seen on 2 cores: prefill's worker bound to core 0 by VLLM_CPU_OMP_THREADS_BIND, its main
+thread on core 1 beside decode's). The patch puts the thread back where vLLM's OpenMP setup had put it.
+
 One addition on the decode side: a request whose prompt ends with tokens prefill never computed (the first token,
 which prefill sampled and the client already has: ``TOKENS_AFTER_PREFILL`` in its kv_transfer_params) loads only
 the prompt's KV from prefill, and decode computes those last tokens itself (see KvOnlyForPrefix).
@@ -15,6 +22,7 @@ the prompt's KV from prefill, and decode computes those last tokens itself (see 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
@@ -35,6 +43,24 @@ if os.environ.get("MMT_NIXL_PROGRESS_THREAD", "0") != "1" and base_worker.nixl_a
 
     base_worker.nixl_agent_config = _without_progress_thread
 
+log = logging.getLogger("vllm.mmtriton.kv_connector")  # under "vllm": printed by vLLM's own log handler
+_worker_init = base_worker.NixlBaseConnectorWorker.__init__
+
+
+@functools.wraps(_worker_init)
+def _init_keeping_the_compute_core(self, *args, **kwargs):
+    cores = os.sched_getaffinity(0)
+    try:
+        _worker_init(self, *args, **kwargs)
+    finally:
+        if (moved := os.sched_getaffinity(0)) != cores:
+            os.sched_setaffinity(0, cores)
+            log.info("mmtriton: NIXL's connector moved the worker's compute thread to cores %s; back on %s "
+                     "(VLLM_CPU_OMP_THREADS_BIND)", sorted(moved), sorted(cores))
+
+
+base_worker.NixlBaseConnectorWorker.__init__ = _init_keeping_the_compute_core
+
 
 class QuietNixlConnector(NixlPullConnector):
     """NixlConnector as vLLM ships it, but for the agent's configuration (see above) and KV-only-for-the-prefix."""
@@ -51,3 +77,4 @@ class QuietNixlConnector(NixlPullConnector):
             return count, load_async
         count = max(0, count - after)
         return count, load_async and count > 0
+
