@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmtriton.embedding_cache import EmbeddingCache, content_digest, encoded_nbytes
+from mmtriton.embedding_cache import DigestMemo, EmbeddingCache, content_digest, encoded_nbytes
 from mmtriton.encoder_service import AudioMediaEncoder, EncodedMedia, EncoderService
 from mmtriton.media.video import VideoOptions
 from mmtriton.protocol import MediaItem
@@ -258,3 +258,34 @@ def test_audio_hits_equal_a_fresh_encode(tiny_models, receiver):
         assert drained(service, receiver)
     finally:
         service.close()
+
+
+def test_digests_are_remembered_per_object_and_forgotten_with_it(monkeypatch):
+    """The decoded-media cache hands a repeated item's same object to every request: its pixels are hashed
+    once. A different object with the same pixels gets the same digest (hashed anew); a collected one is
+    forgotten, so a new object at a reused address is hashed, not taken for the old one."""
+    import gc
+
+    import mmtriton.embedding_cache as embedding_cache
+
+    hashed: list[int] = []
+    real = embedding_cache.content_digest
+    monkeypatch.setattr(embedding_cache, "content_digest", lambda loaded: hashed.append(id(loaded)) or real(loaded))
+    memo = DigestMemo(max_entries=2)
+    image = pattern_image(64, 48, seed=3)
+    assert memo.digest(image) == memo.digest(image) == real(image)
+    assert len(hashed) == 1
+    twin = pattern_image(64, 48, seed=3)
+    assert memo.digest(twin) == real(image) and len(hashed) == 2
+    del twin
+    gc.collect()
+    assert len(memo) == 1  # only image's entry is left
+    other = pattern_image(64, 48, seed=4)
+    assert memo.digest(other) != memo.digest(image)
+    samples = np.zeros(3)
+    memo.digest(samples)
+    assert len(memo) == 2  # bounded: the oldest (image) went, and is hashed again
+    count = len(hashed)
+    memo.digest(image)
+    assert len(hashed) == count + 1
+    assert memo.digest(object()) is None  # not a media value: never cached

@@ -701,7 +701,9 @@ def test_loader_equivalent_urls_share_an_entry(server):
     assert server.count("/img.png?case=norm") == 1 and loader.stats()["hits"] == 1
 
 
-def test_loader_data_uri_and_file_cached_by_content(tmp_path):
+def test_loader_caches_a_data_uri_by_the_uri_and_a_file_by_its_bytes(tmp_path):
+    """A data: URI is keyed before its base64 is decoded, a file after it is read, so the same bytes both ways
+    are two decoded-media entries (the embedding cache, keyed by the decoded pixels, has one)."""
     (tmp_path / "a.png").write_bytes(PNG2)
     settings = Settings(allowed_local_media_dirs=(str(tmp_path),))
     loader = MediaLoader(settings)
@@ -710,10 +712,11 @@ def test_loader_data_uri_and_file_cached_by_content(tmp_path):
     async def three() -> None:
         await loader.load_image(image_item(data_uri))
         await loader.load_image(image_item(data_uri, "image_url[1]"))
-        await loader.load_image(image_item(f"file://{tmp_path / 'a.png'}"))  # same bytes, same key
+        await loader.load_image(image_item(f"file://{tmp_path / 'a.png'}", "image_url[2]"))
+        await loader.load_image(image_item(f"file://{tmp_path / 'a.png'}", "image_url[3]"))
 
     run(three())
-    assert loader.stats()["hits"] == 2 and loader.stats()["items"] == 1
+    assert loader.stats()["hits"] == 2 and loader.stats()["items"] == 2
 
 
 def test_loader_decodes_off_the_event_loop(monkeypatch):

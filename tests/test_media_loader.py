@@ -299,3 +299,27 @@ def test_media_policy_from_settings_reads_every_field():
     assert len(fields(MediaPolicy)) == 9
     loader = MediaLoader(settings)
     assert loader.policy == MediaPolicy.from_settings(settings) and loader.cache.max_bytes == settings.media_cache_bytes
+
+
+def test_a_repeated_data_uri_is_answered_before_its_base64_is_decoded(monkeypatch):
+    """data: URIs are keyed by the URI itself, so a hit skips the base64 decode (the costly part for a large
+    image), and the shape checks still refuse a bad URI every time, cached or not."""
+    reads: list[str] = []
+    real = transport.read_data_uri
+
+    def counting(url: str, where: str, kind: str, max_bytes: int) -> bytes:
+        reads.append(where)
+        return real(url, where, kind, max_bytes)
+
+    monkeypatch.setattr(transport, "read_data_uri", counting)
+    loader = MediaLoader(Settings())
+    first = run(loader.load_image(MediaItem("image", PNG_URI, "image_url[0]")))
+    again = run(loader.load_image(MediaItem("image", PNG_URI, "image_url[1]")))
+    assert again is first and reads == ["image_url[0]"]
+    assert loader.stats()["hits"] == 1
+    # Another media type with the same payload is another URI: read (and refused) on its own.
+    with pytest.raises(InvalidInput, match=r"image_url\[2\]: data URI type 'audio/wav' is not image/\*"):
+        run(loader.load_image(MediaItem("image", PNG_URI.replace("image/png", "audio/wav"), "image_url[2]")))
+    small = MediaLoader(Settings(max_media_bytes=len(PNG) - 1))
+    with pytest.raises(InvalidInput, match=r"image_url\[3\]: data is larger than"):
+        run(small.load_image(MediaItem("image", PNG_URI, "image_url[3]")))

@@ -2,7 +2,8 @@
 (:mod:`mmtriton.media.transport`) × decoding by modality (:class:`~mmtriton.media.decoder.MediaDecoder`).
 
 Decoded media are cached in one byte-bounded LRU: http(s) by normalised URL (a hit skips the fetch too), data:
-URIs and files by the sha256 of their bytes (a hit skips the decode); each decoder adds what tells its outputs
+URIs by the sha256 of the URI (a hit skips the base64 decode too), files by the sha256 of their bytes (a hit skips
+the decode); each decoder adds what tells its outputs
 apart (audio: the target rate). Concurrent loads of one key fetch and decode once (single-flight). Cached values
 are shared between requests: treat them as read-only.
 """

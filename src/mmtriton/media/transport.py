@@ -1,8 +1,11 @@
 """Transport by URL scheme: the one place a media URL's scheme picks how its bytes arrive.
 
 Each transport gives the bytes and the *source key* that names them for the cache: ``"url:<normalised URL>"``
-for http(s), known before fetching (so a cache hit skips the fetch), and ``"sha256:<hex>"`` of the bytes for
-``data:`` and ``file://``, known only after reading them (a hit then skips the decode). Adding a scheme is one
+for http(s), known before fetching (so a cache hit skips the fetch); ``"data-sha256:<hex>"`` of the whole URI for
+``data:``, also known before (a hit skips the base64 decode, the costly part: ~11 ms for a 1024² PNG here,
+against ~3.6 ms to hash the URI); and ``"sha256:<hex>"`` of the bytes for ``file://``, known only after reading
+them (a hit then skips the image decode). So one picture sent as a data: URI and as a file is two entries of the
+decoded-media cache (the embedding cache, keyed by the decoded content, still has one). Adding a scheme is one
 :func:`register_transport` call.
 """
 
@@ -49,17 +52,11 @@ class Transport(Protocol):
 
 def read_data_uri(url: str, where: str, kind: str, max_bytes: int) -> bytes:
     """``data:<kind>/<subtype>;base64,<payload>`` → bytes."""
-    header, sep, payload = url.partition(",")
-    if not sep:
-        raise InvalidInput(f"{where}: data URI has no ',' separating header and payload")
+    check_data_uri_shape(url, where, max_bytes)
+    header, _, payload = url.partition(",")
     mime = header[5:].split(";")[0].strip().lower()
     if not mime.startswith(f"{kind}/"):
         raise InvalidInput(f"{where}: data URI type {mime or '(none)'!r} is not {kind}/*")
-    if ";base64" not in header.lower():
-        raise InvalidInput(f"{where}: data URI must be base64-encoded")
-    # base64 is 4/3 the size: refuse before decoding a payload we would refuse after.
-    if len(payload) * 3 // 4 > max_bytes:
-        raise InvalidInput(f"{where}: data is larger than {max_bytes} bytes")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -123,6 +120,42 @@ class LocalTransport:
         return Fetched(data, "sha256:" + hashlib.sha256(data).hexdigest())
 
 
+def check_data_uri_shape(url: str, where: str, max_bytes: int) -> None:
+    """The checks of :func:`read_data_uri` that need neither the bytes nor the media kind."""
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise InvalidInput(f"{where}: data URI has no ',' separating header and payload")
+    if ";base64" not in header.lower():
+        raise InvalidInput(f"{where}: data URI must be base64-encoded")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise InvalidInput(f"{where}: data is larger than {max_bytes} bytes")
+
+
+@dataclass(frozen=True)
+class DataUriTransport:
+    """``data:`` URIs: keyed by the URI itself before the base64 decode. A hit means this exact URI (media type
+    included) was decoded before under the same decoder's key, so passed its checks then; the shape checks run
+    again on every request."""
+
+    def key_before_fetch(self, url: str, where: str, policy: MediaPolicy) -> str | None:
+        check_data_uri_shape(url, where, policy.max_bytes)
+        return data_uri_key(url)
+
+    async def fetch(self, url: str, where: str, kind: str, policy: MediaPolicy) -> Fetched:
+        return await asyncio.to_thread(self._read, url, where, kind, policy)
+
+    @staticmethod
+    def read(url: str, where: str, kind: str, policy: MediaPolicy) -> bytes:
+        return read_data_uri(url, where, kind, policy.max_bytes)
+
+    def _read(self, url: str, where: str, kind: str, policy: MediaPolicy) -> Fetched:
+        return Fetched(self.read(url, where, kind, policy), data_uri_key(url))
+
+
+def data_uri_key(url: str) -> str:
+    return "data-sha256:" + hashlib.sha256(url.encode()).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------ http(s)
 
 
@@ -142,7 +175,7 @@ class HttpTransport:
 
 _HTTP = HttpTransport()
 _TRANSPORTS: dict[str, Transport] = {
-    "data": LocalTransport(lambda url, where, kind, policy: read_data_uri(url, where, kind, policy.max_bytes)),
+    "data": DataUriTransport(),
     "file": LocalTransport(read_local_file),
     "http": _HTTP,
     "https": _HTTP,
@@ -177,6 +210,6 @@ def read_local_bytes(url: str, where: str, kind: str, policy: MediaPolicy) -> by
     :class:`~mmtriton.media.loader.MediaLoader`, which shares a session per loop and caches.
     """
     transport = transport_for(url, where)
-    if not isinstance(transport, LocalTransport):
+    if not isinstance(transport, LocalTransport | DataUriTransport):
         raise RuntimeError(f"{where}: {url_scheme(url)} media is fetched asynchronously: use MediaLoader")
     return transport.read(url, where, kind, policy)
