@@ -323,3 +323,24 @@ def test_a_repeated_data_uri_is_answered_before_its_base64_is_decoded(monkeypatc
     small = MediaLoader(Settings(max_media_bytes=len(PNG) - 1))
     with pytest.raises(InvalidInput, match=r"image_url\[3\]: data is larger than"):
         run(small.load_image(MediaItem("image", PNG_URI, "image_url[3]")))
+
+
+def test_a_long_data_uri_is_keyed_off_the_event_loop(monkeypatch):
+    """Its key is a hash of all of it: for a large image that would hold up every other request on the loop."""
+    from mmtriton.media.loader import KEY_OFF_LOOP_CHARS
+
+    threads: list[str] = []
+    real = transport.DataUriTransport.key_before_fetch
+
+    def spy(self, url: str, where: str, policy: MediaPolicy) -> str | None:
+        threads.append(threading.current_thread().name)
+        return real(self, url, where, policy)
+
+    monkeypatch.setattr(transport.DataUriTransport, "key_before_fetch", spy)
+    big = png_bytes(pattern_image(256, 256, 1))
+    assert len(big) * 4 // 3 > KEY_OFF_LOOP_CHARS  # a noisy pattern: PNG cannot shrink it below the threshold
+    loader = MediaLoader(Settings())
+    run(loader.load_image(MediaItem("image", PNG_URI, "image_url[0]")))
+    run(loader.load_image(MediaItem("image", "data:image/png;base64," + base64.b64encode(big).decode(),
+                                    "image_url[1]")))
+    assert threads[0] == "MainThread" and threads[1] != "MainThread"

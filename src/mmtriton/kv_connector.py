@@ -77,4 +77,3 @@ class QuietNixlConnector(NixlPullConnector):
             return count, load_async
         count = max(0, count - after)
         return count, load_async and count > 0
-

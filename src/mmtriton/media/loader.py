@@ -29,6 +29,8 @@ from mmtriton.protocol import MediaItem
 from mmtriton.settings import Settings
 
 T = TypeVar("T")
+# Longer URLs are keyed off the event loop: a data: URI's key is the sha256 of all of it (~1 ms per MB here).
+KEY_OFF_LOOP_CHARS = 64 * 1024
 
 
 class MediaLoader:
@@ -56,7 +58,10 @@ class MediaLoader:
     async def load(self, item: MediaItem, decoder: MediaDecoder[T]) -> T:
         """``item``'s bytes by its URL's transport, decoded by ``decoder``, through the cache."""
         transport = transport_for(item.url, item.where)
-        source_key = transport.key_before_fetch(item.url, item.where, self.policy)
+        if len(item.url) > KEY_OFF_LOOP_CHARS:  # a URL that carries its bytes (data:) is hashed for its key
+            source_key = await asyncio.to_thread(transport.key_before_fetch, item.url, item.where, self.policy)
+        else:
+            source_key = transport.key_before_fetch(item.url, item.where, self.policy)
         fetched: Fetched | None = None
         if source_key is None:  # the bytes name themselves: read them first
             fetched = await transport.fetch(item.url, item.where, decoder.kind, self.policy)

@@ -127,6 +127,7 @@ def check_data_uri_shape(url: str, where: str, max_bytes: int) -> None:
         raise InvalidInput(f"{where}: data URI has no ',' separating header and payload")
     if ";base64" not in header.lower():
         raise InvalidInput(f"{where}: data URI must be base64-encoded")
+    # base64 is 4/3 the size: refuse before decoding a payload we would refuse after.
     if len(payload) * 3 // 4 > max_bytes:
         raise InvalidInput(f"{where}: data is larger than {max_bytes} bytes")
 
