@@ -51,9 +51,7 @@ def set_autogroup_nice(pid: int, nice: int) -> str | None:
         return f"autogroup nice {nice} is outside -20..19"
     if not autogroups_enabled():
         return f"the kernel does not group by session ({AUTOGROUP_SWITCH} is not 1), so nice {nice} has no effect"
-    if autogroup_of(pid) is None:
-        if not Path(f"/proc/{pid}").exists():
-            return f"pid {pid} is gone"
+    if autogroup_of(pid) is None and Path(f"/proc/{pid}").exists():  # a pid that is gone fails the write below
         return f"/proc/{pid}/autogroup shows no group here (a sandboxed /proc?), so nice {nice} cannot be set"
     try:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
