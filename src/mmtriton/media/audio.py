@@ -75,7 +75,8 @@ def check_audio_seconds(seconds: float, where: str, max_seconds: float, min_seco
 def audio_cache_key(source_key: str, sample_rate: int) -> str:
     """Key of a decoded waveform: the same bytes decoded for another model rate is another entry.
 
-    ``source_key`` says which bytes (``"url:<normalised url>"`` or ``"sha256:<hex>"``, as for images).
+    ``source_key`` says which bytes (``"url:<normalised url>"``, ``"data-sha256:<hex>"`` or ``"sha256:<hex>"``, as
+    for images).
     """
     return f"audio@{int(sample_rate)}Hz:{source_key}"
 

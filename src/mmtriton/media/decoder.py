@@ -21,7 +21,8 @@ class MediaDecoder(Protocol[T]):
         ...
 
     def cache_key(self, source_key: str) -> str:
-        """The cache key of this decoding of the bytes named by ``source_key`` ("url:…" / "sha256:…")."""
+        """The cache key of this decoding of the bytes named by ``source_key`` ("url:…" / "data-sha256:…" /
+        "sha256:…")."""
         ...
 
     def decode(self, data: bytes, where: str) -> T:

@@ -65,6 +65,8 @@ class MediaLoader:
         fetched: Fetched | None = None
         if source_key is None:  # the bytes name themselves: read them first
             fetched = await transport.fetch(item.url, item.where, decoder.kind, self.policy)
+            if fetched.source_key is None:
+                raise RuntimeError(f"{item.where}: the {type(transport).__name__} named neither the URL nor the bytes")
             source_key = fetched.source_key
         key = decoder.cache_key(source_key)
         if (cached := self.cache.get(key)) is not None:

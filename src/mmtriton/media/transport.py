@@ -31,7 +31,9 @@ from mmtriton.protocol import InvalidInput
 @dataclass(frozen=True)
 class Fetched:
     data: bytes
-    source_key: str  # "url:<normalised>" or "sha256:<hex>"
+    # "url:<normalised>", "data-sha256:<hex>" or "sha256:<hex>"; None from a transport whose key_before_fetch
+    # gave it already (not computed twice: for a data: URI that is a hash of all of it).
+    source_key: str | None
 
 
 class Transport(Protocol):
@@ -143,14 +145,11 @@ class DataUriTransport:
         return data_uri_key(url)
 
     async def fetch(self, url: str, where: str, kind: str, policy: MediaPolicy) -> Fetched:
-        return await asyncio.to_thread(self._read, url, where, kind, policy)
+        return Fetched(await asyncio.to_thread(self.read, url, where, kind, policy), None)
 
     @staticmethod
     def read(url: str, where: str, kind: str, policy: MediaPolicy) -> bytes:
         return read_data_uri(url, where, kind, policy.max_bytes)
-
-    def _read(self, url: str, where: str, kind: str, policy: MediaPolicy) -> Fetched:
-        return Fetched(self.read(url, where, kind, policy), data_uri_key(url))
 
 
 def data_uri_key(url: str) -> str:
