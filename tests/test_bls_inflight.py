@@ -179,3 +179,41 @@ def test_answers_are_not_taken_for_in_band_errors():
                      pb_utils.InferenceResponse()):
         assert triton_io.in_band_error(response) is None
         triton_bls.raise_for(response, "llm_decode")  # no exception
+
+
+def test_the_bls_sends_prefills_first_token_itself_and_decode_goes_on_without_sending_it(responses, loop_thread):
+    """A streamed request whose prefill handed over its first token with its text: multimodal_bls sends that token
+    before it calls llm_decode (a hop less before the client's first token), and tells llm_decode it did."""
+    from mmtriton.wire import FirstToken, parse_stage
+
+    asked: list[DecodeRequest] = []
+
+    async def decode(inputs, channel) -> None:
+        asked.append(parse_stage(DecodeRequest, inputs["decode_request"][0].decode(), "decode_request"))
+        channel.emit(chunk(1))
+        channel.emit(GenerationChunk(text="t2", token_ids=[2], finish_reason="length", num_input_tokens=3,
+                                     num_output_tokens=3, finished=True))
+
+    pb_utils.register_model("llm_decode", lambda request: serve_and_collect(
+        incoming_like(request, "llm_decode"), responses, loop_thread, decode, "llm_decode"))
+    model = bls_model()
+    first = FirstToken(token_id=7, text=" seven", prompt_token_ids=[1, 2, 3])
+    request = DecodeRequest(prompt="hi", prefill=PrefillResult(kv_transfer_params={}, num_input_tokens=3,
+                                                               first_token=first), stream=True)
+    client = pb_utils.incoming_request({"text_input": np.array([b"hi"], dtype=np.object_)}, OUTPUT_NAMES,
+                                       model_name="multimodal_bls")
+    sent = serve_and_collect(client, responses, loop_thread,
+                             lambda inputs, channel: model.start_decode(request, channel), "multimodal_bls")
+
+    token_ids = [pb_utils.get_output_tensor_by_name(r, "token_ids").as_numpy().tolist() for r in sent]
+    texts = [pb_utils.get_output_tensor_by_name(r, "text_output").as_numpy()[0] for r in sent]
+    assert token_ids == [[7], [1], [2]] and texts[0] == b" seven"
+    assert [asked[0].first_token_sent, asked[0].prefill.first_token] == [True, first]
+    # Not streamed: llm_decode answers once with the whole answer, and the BLS sends nothing of its own.
+    asked.clear()
+    client = pb_utils.incoming_request({"text_input": np.array([b"hi"], dtype=np.object_)}, OUTPUT_NAMES,
+                                       model_name="multimodal_bls")
+    once = request.model_copy(update={"stream": False})
+    sent = serve_and_collect(client, responses, loop_thread,
+                             lambda inputs, channel: model.start_decode(once, channel), "multimodal_bls")
+    assert len(sent) == 2 and asked[0].first_token_sent is False

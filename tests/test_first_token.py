@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mmtriton.disagg import DecodeService, first_token_of
+from mmtriton.disagg import DecodeService, TextContext, first_token_head, first_token_of
 from mmtriton.engine import GenerationChunk
 from mmtriton.families import TEXT_ONLY
 from mmtriton.metrics import StageTimes
@@ -70,6 +70,26 @@ class Detokenizer:
     def get_next_output_text(self, finished: bool, delta: bool) -> str:
         out, self.sent = self.text[self.sent:], len(self.text)
         return out
+
+
+class CountingTokenizer(Tokenizer):
+    def __init__(self) -> None:
+        self.encoded: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        self.encoded.append(text)
+        return super().encode(text)
+
+
+def test_prefill_works_out_the_first_tokens_text_and_the_prompts_ids_for_decode():
+    """What decode would do before it could send the first token, prefill does while its engine computes: the
+    token's text as a detokenizer primed with the text prompt's ids prints it, and those ids."""
+    context = TextContext([ord("a"), ord("b")], Detokenizer(Tokenizer(), [ord("a"), ord("b")], None))
+    assert first_token_of(prefill_final(token_ids=(6,)), SamplingOptions(max_tokens=8), context) == FirstToken(
+        token_id=6, text="<6>", prompt_token_ids=[97, 98])
+    # A first byte of a character: no text yet (it comes with the next token, from decode's detokenizer).
+    context = TextContext([97], Detokenizer(Tokenizer(), [97], None))
+    assert first_token_of(prefill_final(token_ids=(9,)), SamplingOptions(max_tokens=8), context).text == ""
 
 
 class RecordingEngine:
@@ -191,3 +211,50 @@ def test_the_connector_loads_kv_for_the_prompt_and_leaves_the_first_token_to_dec
     assert matched(remote, computed=128) == (128, True)  # a local prefix hit: the rest only
     assert matched(remote, computed=256) == (0, False)  # all of it here already: nothing to wait for
     assert matched({"do_remote_prefill": True}) == (257, True)  # vLLM's own behaviour otherwise
+
+
+def test_decode_sends_the_text_prefill_worked_out_first_and_uses_its_prompt_ids():
+    engine = RecordingEngine([[8], [9], [10]])
+    engine.llm.tokenizer = tokenizer = CountingTokenizer()
+    sent: list[GenerationChunk] = []
+    order: list[str] = []
+
+    class Watching(Detokenizer):
+        def __init__(self, *args):
+            order.append("detokenizer")
+            super().__init__(*args)
+
+    svc = service(engine)
+    svc.detokenizer = Watching
+    first = FirstToken(token_id=6, text="<6>", prompt_token_ids=[ord("a"), ord("b")])
+
+    def emit(chunk: GenerationChunk) -> None:
+        order.append(f"sent {chunk.token_ids}")
+        sent.append(chunk)
+
+    asyncio.run(svc.run(decode_request(first, stream=True), emit, lambda: False))
+    assert order[:2] == ["sent [6]", "detokenizer"]  # the head goes before decode builds anything
+    assert [c.text for c in sent] == ["<6>", "<8>", "", "<9><10>"]
+    assert tokenizer.encoded == []  # prefill's ids: the prompt is not tokenized again
+    assert engine.asked["prompt"] == {"prompt_token_ids": [ord("a"), ord("b"), 6]}
+
+
+def test_decode_does_not_send_the_first_token_again_when_its_caller_sent_it():
+    engine = RecordingEngine([[8], [9], [10]])
+    sent: list[GenerationChunk] = []
+    first = FirstToken(token_id=6, text="<6>", prompt_token_ids=[ord("a"), ord("b")])
+    request = decode_request(first, stream=True).model_copy(update={"first_token_sent": True})
+    asyncio.run(service(engine).run(request, sent.append, lambda: False))
+    assert [c.token_ids for c in sent] == [[8], [9], [10]]
+    assert [c.num_output_tokens for c in sent] == [2, 3, 4]  # the first token counts: the client has it
+    assert engine.times.counts()["first_token_ahead"] == 1
+
+
+def test_the_first_token_head_is_for_streamed_requests_with_prefills_text():
+    first = FirstToken(token_id=6, text="<6>", prompt_token_ids=[97])
+    head = first_token_head(decode_request(first, stream=True))
+    assert (head.token_ids, head.text, head.num_output_tokens, head.num_input_tokens, head.finished) == (
+        [6], "<6>", 1, 2, False)
+    assert first_token_head(decode_request(first, stream=False)) is None
+    assert first_token_head(decode_request(FirstToken(token_id=6), stream=True)) is None  # no text from prefill
+    assert first_token_head(decode_request(None, stream=True)) is None

@@ -12,6 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -66,6 +67,7 @@ class PrefillService:
         self.key = pipeline_secret()
         self.receiver = EmbeddingReceiver(f"llm_prefill-{os.getpid()}", settings.embedding_pool_mib * MiB)
         self.engine = kv_engine(settings, "kv_producer")
+        self.detokenizer = vllm_detokenizer  # (tokenizer, prompt ids, vLLM SamplingParams) → Detokenizer
 
     async def run(self, request: PrefillRequest) -> PrefillResult:
         if len(request.embeddings) > self.settings.max_media_items:
@@ -90,14 +92,27 @@ class PrefillService:
             request.sampling.model_copy(update={"max_tokens": 1, "min_tokens": 0}),
             extra_args={"kv_transfer_params": {"do_remote_decode": True}},
         )
-        final = await self.engine.generate(uuid.uuid4().hex, prompt, params, stream=False,
-                                           emit=lambda _chunk: None, cancelled=lambda: False)
-        if final is None or "kv_transfer_params" not in final.extra:
-            raise EngineDead("prefill returned no kv_transfer_params")
-        first = first_token_of(final, request.sampling) if self.settings.first_token_from_prefill else None
+        # What decode needs before it can send the first token, worked out while the engine computes it.
+        context = (asyncio.ensure_future(asyncio.to_thread(self.text_context, request))
+                   if self.settings.first_token_from_prefill else None)
+        try:
+            final = await self.engine.generate(uuid.uuid4().hex, prompt, params, stream=False,
+                                               emit=lambda _chunk: None, cancelled=lambda: False)
+            if final is None or "kv_transfer_params" not in final.extra:
+                raise EngineDead("prefill returned no kv_transfer_params")
+            first = first_token_of(final, request.sampling, await context) if context is not None else None
+        finally:
+            if context is not None and not context.done():
+                context.cancel()
         result = PrefillResult(kv_transfer_params=final.extra["kv_transfer_params"],
                                num_input_tokens=final.num_input_tokens, media=layouts, first_token=first)
         return sign(result, self.key)
+
+    def text_context(self, request: PrefillRequest) -> TextContext:
+        """The text prompt's token ids as vLLM tokenizes it, and a detokenizer primed with them (as decode's)."""
+        tokenizer = self.engine.llm.tokenizer
+        prompt_ids = tokenizer.encode(request.prompt)
+        return TextContext(prompt_ids, self.detokenizer(tokenizer, prompt_ids, to_vllm_sampling(request.sampling)))
 
     def _layout(self, desc: EmbeddingDescriptor, tensor: torch.Tensor) -> MediaLayout:
         if tensor.dim() != 2 or tensor.shape[1] != self.hidden_size:
@@ -108,16 +123,6 @@ class PrefillService:
                              dtype=str(tensor.dtype).removeprefix("torch."))
         self.family.check_layout(layout)
         return layout
-
-
-def first_token_of(final: GenerationChunk, sampling: SamplingOptions) -> FirstToken | None:
-    """The token prefill sampled, when decode may go on from it: prefill stopped only at its own max_tokens of 1
-    (not at EOS or a stop string), the client asked for more, and gave no stop strings (vLLM matches those in the
-    text an engine generates, and decode would have to stop itself on one spanning this token). Otherwise None:
-    decode computes the first token itself, as before."""
-    if final.finish_reason != "length" or len(final.token_ids) != 1 or sampling.max_tokens < 2 or sampling.stop:
-        return None
-    return FirstToken(token_id=final.token_ids[0])
 
 
 class Detokenizer(Protocol):
@@ -137,6 +142,41 @@ def vllm_detokenizer(tokenizer: Any, prompt_token_ids: list[int], params: Any) -
     request = SimpleNamespace(request_id="mmtriton-first-token-ahead", prompt_token_ids=prompt_token_ids,
                               prompt_embeds=None, sampling_params=params)
     return IncrementalDetokenizer.from_new_request(tokenizer, request)
+
+
+@dataclass
+class TextContext:
+    """The text prompt's token ids (media placeholders unexpanded) and a detokenizer primed with them."""
+
+    prompt_token_ids: list[int]
+    detokenizer: Detokenizer
+
+
+def first_token_of(final: GenerationChunk, sampling: SamplingOptions,
+                   context: TextContext | None = None) -> FirstToken | None:
+    """The token prefill sampled, when decode may go on from it: prefill stopped only at its own max_tokens of 1
+    (not at EOS or a stop string), the client asked for more, and gave no stop strings (vLLM matches those in the
+    text an engine generates, and decode would have to stop itself on one spanning this token). Otherwise None:
+    decode computes the first token itself, as before. With ``context``, the token's text and the prompt's ids
+    come along (FirstToken)."""
+    if final.finish_reason != "length" or len(final.token_ids) != 1 or sampling.max_tokens < 2 or sampling.stop:
+        return None
+    token_id = final.token_ids[0]
+    if context is None:
+        return FirstToken(token_id=token_id)
+    context.detokenizer.update([token_id], False)
+    return FirstToken(token_id=token_id, text=context.detokenizer.get_next_output_text(False, True),
+                      prompt_token_ids=context.prompt_token_ids)
+
+
+def first_token_head(request: DecodeRequest) -> GenerationChunk | None:
+    """The response that sends prefill's first token, for a streamed request whose prefill handed one over with its
+    text; None otherwise (then llm_decode works it out and sends it, or there is none)."""
+    first = request.prefill.first_token
+    if first is None or not request.stream or not first.prompt_token_ids:
+        return None
+    return GenerationChunk(text=first.text, token_ids=[first.token_id], finish_reason="",
+                           num_input_tokens=request.prefill.num_input_tokens, num_output_tokens=1, finished=False)
 
 
 class FirstTokenAhead:
@@ -222,16 +262,19 @@ class DecodeService:
         kv_transfer_params = dict(request.prefill.kv_transfer_params)
         prompt: dict[str, Any] = {"prompt": request.prompt}
         if first is not None:
+            t0 = time.perf_counter()
+            # Before the KV transfer, and before anything else here: the client's time to first token is prefill's.
+            if (head := first_token_head(request)) is not None and not request.first_token_sent:
+                emit(head)
             # Token ids as vLLM tokenizes a text prompt (media placeholders unexpanded: vLLM expands them), then
             # the first token, whose KV decode computes itself.
             tokenizer = self.engine.llm.tokenizer
-            prompt_ids = tokenizer.encode(request.prompt)
+            prompt_ids = first.prompt_token_ids or tokenizer.encode(request.prompt)
             ahead = FirstTokenAhead(first, self.detokenizer(tokenizer, prompt_ids, to_vllm_sampling(request.sampling)),
                                     request.prefill.num_input_tokens, request.stream, emit)
-            if request.stream:
-                t0 = time.perf_counter()
-                emit(ahead.head())  # before the KV transfer: the client's time to first token is prefill's
-                self.engine.times.add("first_token_ahead", time.perf_counter() - t0)
+            if request.stream and head is None:  # prefill sent no text with it (a prefill of an older version)
+                emit(ahead.head())
+            self.engine.times.add("first_token_ahead", time.perf_counter() - t0)
             prompt = {"prompt_token_ids": [*prompt_ids, first.token_id]}
             kv_transfer_params[TOKENS_AFTER_PREFILL] = 1
             params = to_vllm_sampling(ahead.sampling(request.sampling), detokenize=False,

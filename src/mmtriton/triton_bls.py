@@ -14,7 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mmtriton import triton_io
-from mmtriton.disagg import Orchestrator
+from mmtriton.disagg import Orchestrator, first_token_head
 from mmtriton.encoder_service import SERVED_KINDS
 from mmtriton.engine import EngineDead
 from mmtriton.lifetime import ReleaseLater
@@ -94,8 +94,16 @@ class BlsModel:
     async def serve(self, inputs, channel):
         await self.orchestrator.run(
             parse_request(inputs, self.settings),
-            decode=lambda decode_request: asyncio.to_thread(self.decode, decode_request, channel),
+            decode=lambda decode_request: self.start_decode(decode_request, channel),
         )
+
+    async def start_decode(self, decode_request: DecodeRequest, channel: triton_io.ResponseChannel) -> None:
+        """Prefill's first token goes to the client from here, at once (not through llm_decode's answer: a hop
+        less before the client's first token); then llm_decode goes on from it."""
+        if (head := first_token_head(decode_request)) is not None:
+            channel.emit(head)
+            decode_request = decode_request.model_copy(update={"first_token_sent": True})
+        await asyncio.to_thread(self.decode, decode_request, channel)
 
     async def encode(self, encoder: str, items: list[MediaItem], options: MediaIOKwargs | None) -> list[str]:
         """encoder_<encoder>'s descriptors for ``items`` (prompt order), in that order: the encoder answers each

@@ -71,11 +71,17 @@ TOKENS_AFTER_PREFILL = "mmtriton_tokens_after_prefill"
 
 
 class FirstToken(BaseModel):
-    """The token prefill sampled: llm_decode sends it at once and decodes on from it (disagg.first_token_of says
-    when prefill hands it over)."""
+    """The token prefill sampled: sent to the client at once (by llm_decode, or by multimodal_bls before it calls
+    llm_decode), and decode goes on from it (disagg.first_token_of says when prefill hands it over).
+
+    Prefill also works out, while its engine computes, what decode would otherwise do before it could send this
+    token: the prompt's token ids as vLLM tokenizes the text prompt (media placeholders unexpanded), and this token's
+    text as a detokenizer primed with those ids prints it ("" when it is one byte of a character)."""
 
     model_config = ConfigDict(extra="forbid")
     token_id: int = Field(ge=0)
+    text: str = ""
+    prompt_token_ids: list[int] = Field(default_factory=list)
 
 
 class PrefillResult(BaseModel):
@@ -98,6 +104,9 @@ class DecodeRequest(BaseModel):
     # has no way to cancel a request it made. Empty from the ensemble: there llm_decode uses the Triton request's
     # id, which the ensemble copies from the client's request.
     request_id: str = ""
+    # The caller (multimodal_bls) has already sent prefill's first token to the client: llm_decode goes on from it
+    # without sending it again.
+    first_token_sent: bool = False
 
 
 class DecodeCancel(BaseModel):
