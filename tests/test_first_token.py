@@ -9,6 +9,7 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+from pydantic import ValidationError
 
 from mmtriton.disagg import DecodeService, TextContext, first_token_head, first_token_of
 from mmtriton.engine import GenerationChunk
@@ -27,11 +28,13 @@ def prefill_final(finish_reason: str = "length", token_ids: tuple[int, ...] = (4
 
 
 def test_prefill_hands_over_its_token_when_the_answer_goes_on_past_it():
-    assert first_token_of(prefill_final(), SamplingOptions(max_tokens=8)) == FirstToken(token_id=42)
+    assert first_token_of(prefill_final(), SamplingOptions(max_tokens=8), text_context()) == FirstToken(
+        token_id=42, text="<42>", prompt_token_ids=PROMPT_IDS)
     # A byte of a character (text "" for now) too: decode's detokenizer joins it to the rest.
     part = GenerationChunk(text="", token_ids=[115], finish_reason="length", num_input_tokens=7, num_output_tokens=1,
                            finished=True)
-    assert first_token_of(part, SamplingOptions(max_tokens=8)) == FirstToken(token_id=115)
+    assert first_token_of(part, SamplingOptions(max_tokens=8), text_context()) == FirstToken(
+        token_id=115, text="", prompt_token_ids=PROMPT_IDS)
 
 
 @pytest.mark.parametrize(("final", "sampling", "why"), [
@@ -41,7 +44,19 @@ def test_prefill_hands_over_its_token_when_the_answer_goes_on_past_it():
     (prefill_final(token_ids=()), SamplingOptions(max_tokens=8), "no token at all"),
 ])
 def test_otherwise_decode_computes_the_first_token_itself(final, sampling, why):
-    assert first_token_of(final, sampling) is None, why
+    assert first_token_of(final, sampling, text_context()) is None, why
+
+
+PROMPT_IDS = [ord("a"), ord("b")]  # the prompt of decode_request(), as Tokenizer tokenizes it
+
+
+def text_context() -> TextContext:
+    return TextContext(list(PROMPT_IDS), Detokenizer(Tokenizer(), list(PROMPT_IDS), None))
+
+
+def first_token(token_id: int) -> FirstToken:
+    """What prefill hands over for decode_request()'s prompt: the token, its text (Detokenizer's), the prompt."""
+    return FirstToken(token_id=token_id, text="" if token_id % 2 else f"<{token_id}>", prompt_token_ids=PROMPT_IDS)
 
 
 class Tokenizer:
@@ -137,7 +152,7 @@ def decode_request(first: FirstToken | None, stream: bool, max_tokens: int = 4, 
 def test_a_streamed_decode_sends_prefills_token_first_and_counts_it():
     engine = RecordingEngine([[8], [9], [10]])
     sent: list[GenerationChunk] = []
-    final = asyncio.run(service(engine).run(decode_request(FirstToken(token_id=6), stream=True),
+    final = asyncio.run(service(engine).run(decode_request(first_token(6), stream=True),
                                             sent.append, lambda: False))
     assert [c.token_ids for c in sent] == [[6], [8], [9], [10]]
     # The text is our detokenizer's, from the prompt on: 9 is a character's first byte, its text comes with 10.
@@ -157,7 +172,7 @@ def test_a_streamed_decode_sends_prefills_token_first_and_counts_it():
 def test_a_decode_that_is_not_streamed_answers_once_with_the_whole_answer():
     engine = RecordingEngine([[8], [9], [10]])
     sent: list[GenerationChunk] = []
-    asyncio.run(service(engine).run(decode_request(FirstToken(token_id=7), stream=False), sent.append,
+    asyncio.run(service(engine).run(decode_request(first_token(7), stream=False), sent.append,
                                     lambda: False))
     assert len(sent) == 1
     # 7 is a first byte: nothing to show for it alone; joined with 8 in the one response.
@@ -178,9 +193,9 @@ def test_without_a_first_token_decode_makes_every_token_from_the_text_prompt():
 def test_a_first_token_that_was_not_signed_by_prefill_is_refused():
     from mmtriton.protocol import InvalidInput
 
-    request = decode_request(FirstToken(token_id=6), stream=True)
+    request = decode_request(first_token(6), stream=True)
     forged = request.model_copy(update={"prefill": request.prefill.model_copy(
-        update={"first_token": FirstToken(token_id=5)})})
+        update={"first_token": first_token(5)})})
     with pytest.raises(InvalidInput, match="not signed"):
         asyncio.run(service(RecordingEngine([[7]])).run(forged, lambda _c: None, lambda: False))
 
@@ -256,5 +271,6 @@ def test_the_first_token_head_is_for_streamed_requests_with_prefills_text():
     assert (head.token_ids, head.text, head.num_output_tokens, head.num_input_tokens, head.finished) == (
         [6], "<6>", 1, 2, False)
     assert first_token_head(decode_request(first, stream=False)) is None
-    assert first_token_head(decode_request(FirstToken(token_id=6), stream=True)) is None  # no text from prefill
+    with pytest.raises(ValidationError):  # prefill always sends the text and the prompt's ids with it
+        FirstToken(token_id=6)
     assert first_token_head(decode_request(None, stream=True)) is None

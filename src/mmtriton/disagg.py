@@ -152,28 +152,25 @@ class TextContext:
     detokenizer: Detokenizer
 
 
-def first_token_of(final: GenerationChunk, sampling: SamplingOptions,
-                   context: TextContext | None = None) -> FirstToken | None:
+def first_token_of(final: GenerationChunk, sampling: SamplingOptions, context: TextContext) -> FirstToken | None:
     """The token prefill sampled, when decode may go on from it: prefill stopped only at its own max_tokens of 1
     (not at EOS or a stop string), the client asked for more, and gave no stop strings (vLLM matches those in the
     text an engine generates, and decode would have to stop itself on one spanning this token). Otherwise None:
-    decode computes the first token itself, as before. With ``context``, the token's text and the prompt's ids
-    come along (FirstToken)."""
+    decode computes the first token itself, as before. The token's text and the prompt's ids come along, from
+    ``context`` (FirstToken)."""
     if final.finish_reason != "length" or len(final.token_ids) != 1 or sampling.max_tokens < 2 or sampling.stop:
         return None
     token_id = final.token_ids[0]
-    if context is None:
-        return FirstToken(token_id=token_id)
     context.detokenizer.update([token_id], False)
     return FirstToken(token_id=token_id, text=context.detokenizer.get_next_output_text(False, True),
                       prompt_token_ids=context.prompt_token_ids)
 
 
 def first_token_head(request: DecodeRequest) -> GenerationChunk | None:
-    """The response that sends prefill's first token, for a streamed request whose prefill handed one over with its
-    text; None otherwise (then llm_decode works it out and sends it, or there is none)."""
+    """The response that sends prefill's first token, for a streamed request whose prefill handed one over; None
+    otherwise (not streamed: the one response holds every token; or decode computes the first token itself)."""
     first = request.prefill.first_token
-    if first is None or not request.stream or not first.prompt_token_ids:
+    if first is None or not request.stream:
         return None
     return GenerationChunk(text=first.text, token_ids=[first.token_id], finish_reason="",
                            num_input_tokens=request.prefill.num_input_tokens, num_output_tokens=1, finished=False)
@@ -193,10 +190,6 @@ class FirstTokenAhead:
         self.num_input_tokens, self.stream, self._emit = num_input_tokens, stream, emit
         detokenizer.update([first.token_id], False)
         self.first_text = detokenizer.get_next_output_text(False, True)
-
-    def head(self) -> GenerationChunk:
-        return GenerationChunk(text=self.first_text, token_ids=[self.first.token_id], finish_reason="",
-                               num_input_tokens=self.num_input_tokens, num_output_tokens=1, finished=False)
 
     def emit(self, chunk: GenerationChunk) -> None:
         self.detokenizer.update(chunk.token_ids, chunk.finish_reason == "stop")
@@ -266,16 +259,13 @@ class DecodeService:
             # Before the KV transfer, and before anything else here: the client's time to first token is prefill's.
             if (head := first_token_head(request)) is not None and not request.first_token_sent:
                 emit(head)
-            # Token ids as vLLM tokenizes a text prompt (media placeholders unexpanded: vLLM expands them), then
-            # the first token, whose KV decode computes itself.
-            tokenizer = self.engine.llm.tokenizer
-            prompt_ids = first.prompt_token_ids or tokenizer.encode(request.prompt)
-            ahead = FirstTokenAhead(first, self.detokenizer(tokenizer, prompt_ids, to_vllm_sampling(request.sampling)),
+            ahead = FirstTokenAhead(first, self.detokenizer(self.engine.llm.tokenizer, first.prompt_token_ids,
+                                                            to_vllm_sampling(request.sampling)),
                                     request.prefill.num_input_tokens, request.stream, emit)
-            if request.stream and head is None:  # prefill sent no text with it (a prefill of an older version)
-                emit(ahead.head())
             self.engine.times.add("first_token_ahead", time.perf_counter() - t0)
-            prompt = {"prompt_token_ids": [*prompt_ids, first.token_id]}
+            # The prompt's token ids as vLLM tokenizes a text prompt (prefill's: media placeholders unexpanded, vLLM
+            # expands them), then the first token, whose KV decode computes itself.
+            prompt = {"prompt_token_ids": [*first.prompt_token_ids, first.token_id]}
             kv_transfer_params[TOKENS_AFTER_PREFILL] = 1
             params = to_vllm_sampling(ahead.sampling(request.sampling), detokenize=False,
                                       extra_args={"kv_transfer_params": kv_transfer_params})

@@ -80,8 +80,8 @@ class FirstToken(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     token_id: int = Field(ge=0)
-    text: str = ""
-    prompt_token_ids: list[int] = Field(default_factory=list)
+    text: str
+    prompt_token_ids: list[int] = Field(min_length=1)
 
 
 class PrefillResult(BaseModel):
