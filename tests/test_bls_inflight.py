@@ -217,3 +217,47 @@ def test_the_bls_sends_prefills_first_token_itself_and_decode_goes_on_without_se
     sent = serve_and_collect(client, responses, loop_thread,
                              lambda inputs, channel: model.start_decode(once, channel), "multimodal_bls")
     assert len(sent) == 2 and asked[0].first_token_sent is False
+
+
+def test_llm_decode_sends_prefills_first_token_from_execute_before_its_engine_loop_runs(responses, loop_thread):
+    """The ensemble's llm_decode: execute itself sends prefill's token (no hop to the engine loop and on to the
+    response thread before the client's first token); the loop then decodes without sending it again."""
+    import importlib.util
+    import threading
+    from pathlib import Path
+
+    from test_first_token import KEY, RecordingEngine, first_token, service
+
+    from mmtriton.protocol import SamplingOptions
+    from mmtriton.wire import sign
+
+    path = Path(__file__).resolve().parents[1] / "model_repository" / "llm_decode" / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location("_test_llm_decode_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()  # no initialize: a stand-in engine, no vLLM
+    engine = RecordingEngine([[8], [10]])
+    loop_started = threading.Event()
+    sent_before_loop: list[int] = []
+
+    def submit(coro):
+        sent_before_loop.append(len(request.get_response_sender().sent))
+        loop_started.set()
+        return loop_thread.submit(coro)
+
+    engine.submit = submit
+    model.service, model.responses = service(engine), responses
+    prefill = sign(PrefillResult(kv_transfer_params={"do_remote_prefill": True}, num_input_tokens=2,
+                                 first_token=first_token(6)), KEY)
+    wire = DecodeRequest(prompt="ab", prefill=prefill, stream=True,
+                         sampling=SamplingOptions(max_tokens=3, min_tokens=3, temperature=0))
+    request = pb_utils.incoming_request({"decode_request": np.array([wire.model_dump_json().encode()],
+                                                                    dtype=np.object_)}, OUTPUT_NAMES,
+                                        model_name="llm_decode")
+    assert model.execute([request]) is None
+    sent = request.get_response_sender().wait_final(5.0)
+
+    assert loop_started.is_set() and sent_before_loop == [1]  # the head was out before the loop had the request
+    token_ids = [pb_utils.get_output_tensor_by_name(r, "token_ids").as_numpy().tolist() for r, _ in sent]
+    assert token_ids == [[6], [8], [10]]
+    assert engine.asked["prompt"]["prompt_token_ids"][-1] == 6  # decode goes on from prefill's token

@@ -287,6 +287,76 @@ def test_only_requested_drops_outputs_not_asked_for(responses):
     assert some.only_requested(None) is None
 
 
+def test_send_now_sends_on_the_calling_thread_before_anything_queued_later(responses):
+    # What must not wait for a thread hand-over (a disaggregated answer's first token) goes out from the caller.
+    import threading
+
+    request = text_request(requested=["text_output"])
+    sender = request.get_response_sender()
+    threads: list[str] = []
+    real_send = sender.send
+
+    def recording_send(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        real_send(*args, **kwargs)
+
+    sender.send = recording_send
+    channel = triton_io.ResponseChannel(request, responses)
+    channel.send_now(triton_io.chunk_response(chunk(0, last=False)))
+    assert [text_of(r) for r, _ in sender.sent] == ["t0"]  # already sent when send_now returns
+    channel.emit(chunk(1, last=True))
+    drain(responses)
+
+    assert threads == [threading.current_thread().name, "triton-responses"]
+    assert [[t.name() for t in r.output_tensors()] for r, _ in sender.sent] == [["text_output"], ["text_output"]]
+    assert sender.stub_pruned == []  # dropped in Python first, as on the response thread
+
+
+def test_send_now_final_closes_the_channel_and_a_failing_one_marks_it_cancelled(responses):
+    request = text_request()
+    channel = triton_io.ResponseChannel(request, responses)
+    channel.send_now(triton_io.chunk_response(chunk(0, last=True)), FINAL)
+    channel.fail(RuntimeError("after the final response"))
+    drain(responses)
+    assert [flags for _, flags in request.get_response_sender().sent] == [FINAL]
+
+    gone = text_request()
+    gone.get_response_sender().fail_sends("Unable to send response: the stream is closed.")
+    channel = triton_io.ResponseChannel(gone, responses)
+    channel.send_now(triton_io.chunk_response(chunk(0, last=False)))
+    assert channel.cancelled
+    assert any("sending a response failed" in m for m in pb_utils.Logger.logged("ERROR"))
+
+
+def test_dispatch_prepares_each_request_on_executes_thread_and_hands_the_result_to_the_loop(responses, loop_thread):
+    import threading
+
+    prepared_on: list[str] = []
+    handled: list[tuple[str, str]] = []
+
+    def prepare(inputs, channel):
+        prepared_on.append(threading.current_thread().name)
+        text = inputs["text_input"][0].decode()
+        if text == "bad":
+            raise InvalidInput("bad request")
+        return text.upper()
+
+    async def handle(message, channel):
+        handled.append((message, threading.current_thread().name))
+        channel.emit(chunk(0, last=True))
+
+    submit = Submitter(loop_thread)
+    requests = [text_request("bad"), text_request("fine")]
+    triton_io.dispatch(requests, responses, ["text_input"], submit, handle, "test_model", prepare=prepare)
+    submit.wait()
+    bad, good = (r.get_response_sender().wait_final(5.0) for r in requests)
+
+    assert prepared_on == [threading.current_thread().name] * 2
+    assert handled == [("FINE", "test-glue-loop")]  # the bad one never reached the loop
+    assert bad[0][0].error().code() == pb_utils.TritonError.INVALID_ARG and "bad request" in bad[0][0].error().message()
+    assert [flags for _, flags in good] == [FINAL]
+
+
 # --- cancellation polling --------------------------------------------------------------------------------------------
 
 
