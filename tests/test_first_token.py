@@ -274,20 +274,3 @@ def test_the_first_token_head_is_for_streamed_requests_with_prefills_text():
     with pytest.raises(ValidationError):  # prefill always sends the text and the prompt's ids with it
         FirstToken(token_id=6)
     assert first_token_head(decode_request(None, stream=True)) is None
-
-
-def test_decode_hands_its_caller_the_head_only_from_a_verified_hand_over():
-    """llm_decode sends prefill's token on execute's thread (DecodeService.head), before the engine loop runs."""
-    from mmtriton.protocol import InvalidInput
-
-    svc = service(RecordingEngine([[7]]))
-    first = FirstToken(token_id=6, text="<6>", prompt_token_ids=[97])
-    request = decode_request(first, stream=True)
-    head = svc.head(request)
-    assert (head.token_ids, head.text, head.num_output_tokens) == ([6], "<6>", 1)
-    assert svc.head(request.model_copy(update={"first_token_sent": True})) is None
-    assert svc.head(decode_request(first, stream=False)) is None
-    forged = request.model_copy(update={"prefill": request.prefill.model_copy(
-        update={"first_token": FirstToken(token_id=5, text="<5>", prompt_token_ids=[97])})})
-    with pytest.raises(InvalidInput, match="not signed"):
-        svc.head(forged)

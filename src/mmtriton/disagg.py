@@ -230,12 +230,6 @@ class DecodeService:
         self._cancels = {rid: t for rid, t in self._cancels.items() if now - t < CANCEL_MEMORY_S}
         self._cancels[cancel.request_id] = now
 
-    def head(self, request: DecodeRequest) -> GenerationChunk | None:
-        """The response with prefill's first token, for the caller to send before it starts ``run`` (and then
-        to mark the request ``first_token_sent``); None when there is none to send. Only from a verified hand-over."""
-        verify(request.prefill, self.key)
-        return None if request.first_token_sent else first_token_head(request)
-
     async def run(self, request: DecodeRequest, emit: Callable[[GenerationChunk], None],
                   cancelled: Callable[[], bool], triton_request_id: str = "") -> GenerationChunk | None:
         """``triton_request_id``: the id of the Triton request this decode serves. An ensemble gives its steps

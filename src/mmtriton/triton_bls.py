@@ -101,7 +101,7 @@ class BlsModel:
         """Prefill's first token goes to the client from here, at once (not through llm_decode's answer: a hop
         less before the client's first token); then llm_decode goes on from it."""
         if (head := first_token_head(decode_request)) is not None:
-            channel.send_now(triton_io.chunk_response(head))  # on this loop: no hop to the response thread
+            channel.emit(head)
             decode_request = decode_request.model_copy(update={"first_token_sent": True})
         await asyncio.to_thread(self.decode, decode_request, channel)
 

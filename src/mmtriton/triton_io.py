@@ -179,8 +179,16 @@ class ResponseThread:
                 return
             channel, response, flags = item
             try:
-                if channel.deliver(response, flags) and not flags & FINAL:
+                response = channel.only_requested(response)
+                if response is None:
+                    channel.sender.send(flags=flags)
+                else:
+                    channel.sender.send(response, flags=flags)
+                if not flags & FINAL:
                     channel.is_cancelled()  # throttled: at most one ask per CANCEL_POLL_S per request
+            except Exception:
+                self.logger.log_error(f"sending a response failed: {traceback.format_exc()}")
+                channel.cancelled = True
             finally:
                 with self._all_sent:
                     self._unsent -= 1
@@ -191,20 +199,15 @@ class ResponseThread:
         self._thread.join(timeout_s)
 
 
-def dispatch(requests, responses: ResponseThread, input_names: Iterable[str], submit, handle, model: str,
-             prepare: Callable[[dict[str, Any], ResponseChannel], Any] | None = None) -> None:
+def dispatch(requests, responses: ResponseThread, input_names: Iterable[str], submit, handle, model: str) -> None:
     """A decoupled model's ``execute``: each request's tensors go to ``handle(inputs, channel)`` on an event loop
-    (``submit``). With ``prepare``, ``handle`` gets ``prepare(inputs, channel)`` instead, worked out first on
-    execute's own thread (what must not wait for the loop: see ``ResponseChannel.send_now``). Any error ends that
-    request with an error response; client errors are not logged as failures."""
+    (``submit``). Any error ends that request with an error response; client errors are not logged as failures."""
     for request in requests:
         channel = ResponseChannel(request, responses)
         try:
             inputs = read_inputs(request, input_names)
-            submit(_guarded(handle, prepare(inputs, channel) if prepare is not None else inputs, channel, model))
+            submit(_guarded(handle, inputs, channel, model))
         except Exception as exc:
-            if not isinstance(exc, ValueError):
-                pb_utils.Logger.log_error(f"{model}: request failed: {traceback.format_exc()}")
             channel.fail(exc)
 
 
@@ -263,28 +266,6 @@ class ResponseChannel:
 
     def send(self, response) -> None:
         self.responses.put(self, response, 0)
-
-    def send_now(self, response, flags: int = 0) -> None:
-        """Send on the calling thread, at once, not through the response thread: for a response that goes out
-        before anything else of its request is put (a disaggregated answer's first token, prefill's one result).
-        Each hand-over between threads costs 0.4-0.7 ms on 2 cores (docs/vllm-cpu.md); the send itself blocks
-        the caller until Triton has taken the response."""
-        self.closed = self.closed or bool(flags & FINAL)
-        self.deliver(response, flags)
-
-    def deliver(self, response, flags: int) -> bool:
-        """Hand one response to Triton on this thread; False (and the request marked cancelled) if that failed."""
-        try:
-            response = self.only_requested(response)
-            if response is None:
-                self.sender.send(flags=flags)
-            else:
-                self.sender.send(response, flags=flags)
-            return True
-        except Exception:
-            self.responses.logger.log_error(f"sending a response failed: {traceback.format_exc()}")
-            self.cancelled = True
-            return False
 
     def fail(self, exc: BaseException) -> None:
         if not self.closed:

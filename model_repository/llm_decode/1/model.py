@@ -21,27 +21,17 @@ class TritonPythonModel:
 
     def execute(self, requests):
         triton_io.dispatch(requests, self.responses, ["decode_request", "decode_cancel"], self.service.engine.submit,
-                           self._serve, "llm_decode", prepare=self._prepare)
+                           self._serve, "llm_decode")
         return None
 
-    def _prepare(self, inputs, channel) -> DecodeRequest | DecodeCancel:
-        """On execute's thread: the message; prefill's first token goes to the client from here, before the
-        hand-over to the engine's loop (a thread hop less before the client's first token)."""
+    async def _serve(self, inputs, channel):
         if (cancel := input_string(inputs["decode_cancel"], "decode_cancel")) is not None:
-            return parse_stage(DecodeCancel, cancel, "decode_cancel")
-        raw = input_string(inputs["decode_request"], "decode_request")
-        request = parse_stage(DecodeRequest, raw or "", "decode_request")
-        if (head := self.service.head(request)) is not None:
-            channel.send_now(triton_io.chunk_response(head))
-            request = request.model_copy(update={"first_token_sent": True})
-        return request
-
-    async def _serve(self, message: DecodeRequest | DecodeCancel, channel):
-        if isinstance(message, DecodeCancel):
-            self.service.cancel(message)
+            self.service.cancel(parse_stage(DecodeCancel, cancel, "decode_cancel"))
             channel.finish_cancelled()  # the cancel call's own (empty, final) answer
             return
-        final = await self.service.run(message, channel.emit, channel.is_cancelled, channel.request_id)
+        raw = input_string(inputs["decode_request"], "decode_request")
+        request = parse_stage(DecodeRequest, raw or "", "decode_request")
+        final = await self.service.run(request, channel.emit, channel.is_cancelled, channel.request_id)
         if final is None:
             pb_utils.Logger.log_info("llm_decode: request cancelled by the client; aborted in vLLM")
             channel.finish_cancelled()

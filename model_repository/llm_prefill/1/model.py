@@ -37,11 +37,10 @@ class TritonPythonModel:
         for name in DESCRIPTOR_INPUTS:
             request.embeddings += input_strings(inputs[name], name)
         result = await self.service.run(request)
-        # Its one response, from here: not through the response thread (a thread hop on the first token's path).
-        channel.send_now(pb_utils.InferenceResponse(output_tensors=[
+        channel.send_final(pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("prefill_result", _string(result.model_dump_json())),
             pb_utils.Tensor("decode_request", _string(decode_request_for(request, result).model_dump_json())),
-        ]), triton_io.FINAL)
+        ]))
 
     def finalize(self):
         self.metrics.stop()
