@@ -37,13 +37,16 @@ def answer(server, model: str, inputs: RequestInputs) -> list[int]:
 
 
 class InFlight:
-    """Long streamed requests running while the engine is killed: each must end (an error, or a whole answer)
-    within a bounded time after the kill, never hang and never end as an empty success."""
+    """Long streamed requests running while the engine is killed: each must end, never hang and never end as an
+    empty or cut-short success. An error must come soon after the kill; a whole answer (its engine was not the
+    one killed: decode goes on with requests prefill had handed over) takes as long as its tokens take, which on
+    2 cores shared with the reloading engine was seen at 31 s for 1500 tokens, so it gets the longer bound."""
 
     def __init__(self, server, model: str, inputs: RequestInputs, count: int = 3):
         import threading
 
         self.outcomes: list[tuple[str, float]] = []
+        self.expected_tokens = (inputs.sampling_parameters or {}).get("min_tokens", 1)
         self.started = threading.Barrier(count + 1)
         self.threads = [threading.Thread(target=self._one, args=(server, model, inputs), daemon=True)
                         for _ in range(count)]
@@ -56,18 +59,21 @@ class InFlight:
         self.started.wait(timeout=60)
         try:
             got = [t for r in stream_grpc(server.config.grpc_url, model, inputs, timeout_s=120) for t in r["token_ids"]]
-            self.outcomes.append(("answer" if got else "EMPTY", time.monotonic()))
+            whole = len(got) >= self.expected_tokens
+            self.outcomes.append(("answer" if whole else f"SHORT: {len(got)} of {self.expected_tokens} tokens",
+                                  time.monotonic()))
         except InferenceFailed as exc:
             self.outcomes.append((f"error: {exc}", time.monotonic()))
         except TimeoutError:
             self.outcomes.append(("HUNG", time.monotonic()))
 
-    def check(self, killed_at: float, bound_s: float = 30.0) -> list[str]:
+    def check(self, killed_at: float, error_bound_s: float = 30.0, answer_bound_s: float = 100.0) -> list[str]:
         for t in self.threads:
             t.join(150)
         assert len(self.outcomes) == len(self.threads)
         for outcome, at in self.outcomes:
             assert outcome == "answer" or outcome.startswith("error: "), outcome
+            bound_s = answer_bound_s if outcome == "answer" else error_bound_s
             assert at - killed_at < bound_s, f"{outcome[:80]!r} came {at - killed_at:.0f} s after the kill"
         return [outcome for outcome, _ in self.outcomes]
 
@@ -133,10 +139,10 @@ def kill_and_recover(server, engine_model: str, model: str, inputs: RequestInput
     engine_core_of(server, engine_model).kill()
     killed_at = time.monotonic()
     errors: list[str] = []
-    if running is not None:  # what the requests in flight got counts as the outage too
-        errors += [o.removeprefix("error: ") for o in running.check(killed_at=killed_at) if o != "answer"]
     deadline = killed_at + 300
     try:
+        if running is not None:  # what the requests in flight got counts as the outage too
+            errors += [o.removeprefix("error: ") for o in running.check(killed_at=killed_at) if o != "answer"]
         while time.monotonic() < deadline:
             try:
                 got = answer(server, model, inputs)
@@ -150,12 +156,35 @@ def kill_and_recover(server, engine_model: str, model: str, inputs: RequestInput
                 errors.append(str(exc))
             time.sleep(0.5)
         raise AssertionError(f"{engine_model} did not come back within 300 s; errors: {errors[-3:]}")
+    except BaseException:
+        # The server is shared by the session: a failure here must not leave the next tests a pipeline that is
+        # still reloading (they would fail with "unknown model" and hide this cause).
+        wait_until_ready(readiness, deadline)
+        raise
     finally:
         not_ready = readiness.stop()
         if time.monotonic() < deadline:
             # Truthful readiness: each was seen not ready during the outage, and all are ready now.
             assert all(not_ready.values()), f"never reported not ready during the outage: {not_ready}"
             assert all(readiness.ready(what) for what in not_ready), "not ready again after recovery"
+
+
+def wait_until_ready(readiness: Readiness, deadline: float) -> None:
+    """Until every model in the repository (the pipelines in front of the engine too) is READY, or the deadline."""
+    import json
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(readiness.base + "/v2/repository/index", data=b"{}", method="POST")
+            with urllib.request.urlopen(req, timeout=5) as r:
+                # Models the server never loaded have no version in the index; the loaded ones must be READY.
+                if all(m.get("state") == "READY" for m in json.load(r) if m.get("version")) \
+                        and readiness.ready("server"):
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
 
 
 # What a request may get while a stage is down: our UNAVAILABLE ("engine … not running / died"), Triton's for a
