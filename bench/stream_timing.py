@@ -78,6 +78,12 @@ def arrivals_grpc_aio(grpc_url: str, model: str, max_tokens: int) -> list[float]
     return asyncio.run(run())
 
 
+def raise_for_stream_error(response) -> None:
+    """A refused stream (an unknown or unready model, a bad request) is an error with its body, not 0 tokens."""
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}: {response.read().decode(errors='replace')[:500]}")
+
+
 def arrivals_http(http_url: str, model: str, max_tokens: int) -> list[float]:
     import httpx
 
@@ -87,8 +93,14 @@ def arrivals_http(http_url: str, model: str, max_tokens: int) -> list[float]:
         with http.stream("POST", f"http://{http_url}/v2/models/{model}/generate_stream",
                          content=http_body(inputs(max_tokens), True),
                          headers={"Content-Type": "application/json"}) as r:
+            raise_for_stream_error(r)
             for line in r.iter_lines():
-                if line.startswith("data:") and json.loads(line[5:]).get("token_ids"):
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise RuntimeError(f"{model}: {event['error']}")
+                if event.get("token_ids"):
                     times.append(time.perf_counter() - t0)
     return times
 
@@ -102,9 +114,14 @@ def arrivals_openai(openai_url: str, model: str, max_tokens: int) -> list[float]
     with httpx.Client(timeout=120) as http:  # made before the clock starts, as above
         t0 = time.perf_counter()
         with http.stream("POST", f"http://{openai_url}/v1/chat/completions", json=body) as r:
+            raise_for_stream_error(r)
             for line in r.iter_lines():
-                if line.startswith("data:") and line != "data: [DONE]" and any(
-                        "role" not in c["delta"] for c in json.loads(line[5:])["choices"]):
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    raise RuntimeError(f"{model}: {chunk['error']}")
+                if any("role" not in c["delta"] for c in chunk["choices"]):
                     # One chunk per token (its text may be empty until a character is complete); the role chunk
                     # that opens the stream carries none.
                     times.append(time.perf_counter() - t0)
