@@ -14,7 +14,7 @@ import pytest
 
 from client import InferenceFailed, RequestInputs, build_inputs, stream_grpc
 from conftest import metric, pattern_image, png_bytes
-from mmtriton.supervisor import descendant_named, newest_stub
+from mmtriton.supervisor import RepositoryError, TritonRepository, descendant_named, newest_stub
 
 pytestmark = pytest.mark.integration
 
@@ -159,7 +159,7 @@ def kill_and_recover(server, engine_model: str, model: str, inputs: RequestInput
     except BaseException:
         # The server is shared by the session: a failure here must not leave the next tests a pipeline that is
         # still reloading (they would fail with "unknown model" and hide this cause).
-        wait_until_ready(readiness, deadline)
+        wait_until_ready(server, deadline)
         raise
     finally:
         not_ready = readiness.stop()
@@ -169,20 +169,16 @@ def kill_and_recover(server, engine_model: str, model: str, inputs: RequestInput
             assert all(readiness.ready(what) for what in not_ready), "not ready again after recovery"
 
 
-def wait_until_ready(readiness: Readiness, deadline: float) -> None:
-    """Until every model in the repository (the pipelines in front of the engine too) is READY, or the deadline."""
-    import json
-    import urllib.request
-
+def wait_until_ready(server, deadline: float) -> None:
+    """Until the server and every model it loads (the pipelines in front of the engine too) are READY, or the
+    deadline."""
+    repository = TritonRepository(server.config.http_url)
     while time.monotonic() < deadline:
         try:
-            req = urllib.request.Request(readiness.base + "/v2/repository/index", data=b"{}", method="POST")
-            with urllib.request.urlopen(req, timeout=5) as r:
-                # Models the server never loaded have no version in the index; the loaded ones must be READY.
-                if all(m.get("state") == "READY" for m in json.load(r) if m.get("version")) \
-                        and readiness.ready("server"):
-                    return
-        except OSError:
+            states = repository.states()
+            if server.is_ready() and all(states.get(m) == "READY" for m in server.config.model_names()):
+                return
+        except RepositoryError:
             pass
         time.sleep(1.0)
 
