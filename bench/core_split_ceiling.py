@@ -80,22 +80,21 @@ class Workload:
         self.seeds = itertools.count(1)
         self.text_prompt: dict | None = None
 
-    def image(self, _i: int = 0) -> dict:  # a new image every time: vLLM's prefix cache keys images by content
+    def image(self) -> dict:  # a new image every time: vLLM's prefix cache keys images by content
         from mmtriton.testing import pattern_image
 
         return {"prompt": self.image_prompt,
                 "multi_modal_data": {"image": pattern_image(100, 90, seed=next(self.seeds))}}
 
-    async def text_like(self, engine) -> dict:
+    async def text_like(self, engine) -> None:
         """As many prompt tokens as an image request has (the engine's count, placeholders expanded)."""
         from vllm import SamplingParams
 
         async for out in engine.generate(self.image(), SamplingParams(max_tokens=1), uuid.uuid4().hex):
             prompt_len = len(out.prompt_token_ids)
         self.text_prompt = {"prompt_token_ids": [self.first_text_id] * prompt_len}
-        return self.text_prompt
 
-    def text(self, _i: int = 0) -> dict:
+    def text(self) -> dict:
         return self.text_prompt
 
 
